@@ -1,0 +1,190 @@
+"""TrainConfig: every training option in one place, validated once before any work starts.
+
+Precedence: command line > YAML file (--config) > the defaults below. The defaults are the
+reference tutorial's run (Adam lr 1e-3, batch 128, 3 epochs, images resized to 224).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad option. The message lists every problem found, one per line, each with its fix."""
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    dataset: str = _opt("fashion-mnist", "fashion-mnist, or synthetic: the built-in generated data set "
+                        "(written as real IDX files under --data-dir, works offline)",
+                        choices=("fashion-mnist", "synthetic"))
+    data_dir: str = _opt("./data", "folder holding FashionMNIST/raw/*-ubyte (torchvision layout)")
+    download: bool = _opt(True, "download Fashion-MNIST with torchvision when the files are missing")
+    limit_train: int | None = _opt(None, "use only the first N training samples (smoke runs)")
+    limit_test: int | None = _opt(None, "use only the first N test samples (smoke runs)")
+    synthetic_train_size: int = _opt(6000, "training samples in the synthetic data set")
+    synthetic_test_size: int = _opt(1000, "test samples in the synthetic data set")
+    pipeline: str = _opt("device", "input pipeline: device (uint8 batches, resize/normalize on the accelerator) "
+                         "or torchvision (the tutorial's per-image PIL Resize + ToTensor in workers)",
+                         choices=("device", "torchvision"))
+    num_workers: int = _opt(2, "DataLoader worker processes for the torchvision pipeline (the device "
+                            "pipeline indexes an in-memory tensor and needs none)")
+    image_size: int = _opt(224, "side in pixels after resizing the 28x28 images (>= 64)")
+    # --- model ---
+    model_width: float = _opt(1.0, "fraction of AlexNet's channel and hidden widths; 1.0 is the real "
+                              "58,299,082-parameter model, smaller values make quick test models")
+    # --- optimization ---
+    epochs: int = _opt(3, "passes over the training set; schedules follow this")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps; changes nothing else")
+    batch_size: int = _opt(128, "samples per process per micro-batch")
+    lr: float = _opt(1e-3, "Adam learning rate")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    mixed_precision: str | None = _opt(None, "no, fp16 (CUDA only) or bf16; unset = the accelerate launch "
+                                       "config's choice, else no", choices=("no", "fp16", "bf16"))
+    seed: int = _opt(0, "seed for data order, weights and dropout")
+    # --- run directory, checkpoints, logging ---
+    output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>")
+    resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, or a "
+                       "checkpoint directory")
+    checkpoint_every: int | None = _opt(None, "optimizer steps between checkpoints (plus one at every "
+                                        "epoch end and at exit)")
+    keep_checkpoints: int = _opt(3, "newest K checkpoints kept (K >= 2), plus the best by test accuracy")
+    log_every: int = _opt(50, "optimizer steps between log lines and TensorBoard points")
+
+    def validate(self) -> TrainConfig:
+        """Raise one ConfigError listing every problem, or return self."""
+        problems = []
+
+        def need(ok: bool, message: str):
+            if not ok:
+                problems.append(message)
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                problems.append(f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}")
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "synthetic_train_size",
+                     "synthetic_test_size"):
+            need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "checkpoint_every", "limit_train", "limit_test"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{_flag(name)} must be >= 1 or unset (got {value})")
+        need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
+        need(self.lr > 0 and self.lr == self.lr and self.lr != float("inf"),
+             f"--lr must be a positive finite number (got {self.lr}); the reference run uses 1e-3")
+        need(self.image_size >= 64, f"--image-size must be >= 64 so AlexNet's feature map stays at least "
+                                    f"1x1 before pooling (got {self.image_size})")
+        need(0 < self.model_width <= 4, f"--model-width must be in (0, 4] (got {self.model_width})")
+        need(self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 so a previous checkpoint survives "
+                                         f"while a new one is written (got {self.keep_checkpoints})")
+        need(self.resume in ("auto", "none") or bool(self.resume),
+             "--resume must be auto, none or a checkpoint directory")
+        if self.mixed_precision == "fp16" and not _cuda_usable():
+            problems.append("--mixed-precision fp16 needs a CUDA GPU and none is usable here; "
+                            "use --mixed-precision bf16 (works on CPU) or no")
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _cuda_usable() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+
+
+def resolve_mixed_precision(cfg: TrainConfig) -> str:
+    """--mixed-precision, else what `accelerate launch` was told (it exports ACCELERATE_MIXED_PRECISION)."""
+    return cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    """The concrete type of a field: int for `int | None`, and so on."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def _coerce(name: str, value, kind: type, source: str):
+    """Check a YAML value's type (ints are fine where a float is wanted); raise ConfigError otherwise."""
+    if value is None:
+        return None
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value, "
+                          f"not a {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        values[name] = _coerce(name, value, _field_type(known[name]), f"config file {path}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field. Unset flags stay absent so YAML values are not overridden."""
+    parser.add_argument("--config", help="YAML file of options (command-line flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(f)
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+        if kind is bool:
+            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(f"--{_flag(f.name)}", type=kind, choices=f.metadata.get("choices"),
+                                metavar=None if f.metadata.get("choices") else f.name.upper(), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**values).validate()
+
+
+def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,308 @@
+"""Fashion-MNIST in memory: IDX reading and validation, the built-in synthetic data set, loaders,
+and the device-side batch transforms.
+
+The whole data set is 70,000 uint8 images of 28x28 (55 MB): it lives in memory as one tensor.
+The default ("device") pipeline hands out uint8 batches by indexing that tensor once per batch and
+does the resize to the model's input size and the normalization as batched ops on the accelerator.
+The tutorial's pipeline (PIL Resize + ToTensor per image in DataLoader workers) is kept as
+"torchvision" for comparison: it spends most of its time on the CPU resizing images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# Pixel statistics of the Fashion-MNIST training set, on the [0, 1] scale.
+MEAN, STD = 0.2860, 0.3530
+
+# File names inside <root>/FashionMNIST/raw/, as torchvision.datasets.FashionMNIST expects them.
+IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one Fashion-MNIST uses
+# The synthetic data set does not change with --seed, so runs with different seeds compare on the same data.
+SYNTHETIC_SEED = 1234
+
+
+class DataError(ValueError):
+    """The data set is missing or malformed. The message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as an IDX file, atomically (temp file + rename)."""
+    path = Path(path)
+    assert array.dtype == torch.uint8
+    header = bytes([0, 0, _UBYTE, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(header)
+        f.write(array.contiguous().numpy().tobytes())
+    os.replace(tmp, path)
+
+
+def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
+    """Read and validate a uint8 IDX file with `ndim` dimensions; raise DataError naming the file."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number); re-download it or delete it to "
+                        f"have it downloaded again")
+    if data[2] != _UBYTE or data[3] != ndim:
+        raise DataError(f"{path}: expected an IDX file of unsigned bytes with {ndim} dimension(s), found "
+                        f"type code {data[2]:#04x} with {data[3]} dimension(s); is it the right file?")
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise DataError(f"{path}: truncated header ({len(data)} bytes); re-download the file")
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header_len + math.prod(shape)
+    if len(data) != expected:
+        raise DataError(f"{path}: {'truncated' if len(data) < expected else 'has trailing bytes'}: header "
+                        f"says shape {shape} ({expected} bytes) but the file has {len(data)} bytes; "
+                        f"re-download the file")
+    return torch.frombuffer(bytearray(data[header_len:]), dtype=torch.uint8).reshape(shape)
+
+
+def validate_split(raw_dir: Path, train: bool) -> None:
+    """Check what torchvision does not: 28x28 images, as many labels as images, labels in 0..9."""
+    images_file, labels_file = (raw_dir / name for name in IDX_FILES[train])
+    images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
+    if tuple(images.shape[1:]) != (28, 28):
+        raise DataError(f"{images_file}: images are {tuple(images.shape[1:])}, Fashion-MNIST's are 28x28")
+    if len(images) != len(labels):
+        raise DataError(f"{labels_file}: {len(labels)} labels for {len(images)} images in {images_file.name}; "
+                        f"the two files must come from the same download")
+    if len(labels) and int(labels.max()) > 9:
+        bad = int((labels > 9).nonzero()[0])
+        raise DataError(f"{labels_file}: label {int(labels[bad])} at index {bad} is outside 0..9")
+
+
+# ----------------------------------------------------------------------------- data sets
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 28, 28]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int | None) -> Split:
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
+
+def synthetic_root(data_dir: str | os.PathLike, train_size: int, test_size: int, seed: int) -> Path:
+    """The synthetic set gets its own folder, so it never overwrites real Fashion-MNIST files."""
+    return Path(data_dir) / f"synthetic-{train_size}-{test_size}-seed{seed}"
+
+
+def load_split(root: Path, train: bool, download: bool) -> Split:
+    """One split through torchvision.datasets.FashionMNIST, validated first."""
+    import torchvision
+
+    raw_dir = root / "FashionMNIST" / "raw"
+    missing = [name for pair in IDX_FILES.values() for name in pair if not (raw_dir / name).exists()]
+    if missing:
+        if not download:
+            raise DataError(f"Fashion-MNIST not found: {raw_dir} lacks {', '.join(missing)}. Put the four "
+                            f"*-ubyte files there, drop --no-download to fetch them, or use "
+                            f"--dataset synthetic to train offline on the built-in data set")
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+        except Exception as err:  # torchvision raises RuntimeError/URLError/OSError on network trouble
+            raise DataError(f"could not download Fashion-MNIST into {raw_dir} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Copy the four *-ubyte "
+                            f"files there by hand, or use --dataset synthetic to train offline") from None
+    validate_split(raw_dir, train)
+    dataset = torchvision.datasets.FashionMNIST(str(root), train=train, download=False)
+    return Split(dataset.data, dataset.targets.long())
+
+
+def make_synthetic(root: Path, train_size: int, test_size: int, seed: int) -> None:
+    """Write the built-in synthetic data set as the four IDX files of the torchvision layout."""
+    raw_dir = root / "FashionMNIST" / "raw"
+    generator = torch.Generator().manual_seed(seed)
+    for train, n in ((True, train_size), (False, test_size)):
+        images_file, labels_file = (raw_dir / name for name in IDX_FILES[train])
+        if images_file.exists() and labels_file.exists():
+            continue
+        images, labels = synthetic_samples(n, generator)
+        write_idx(labels_file, labels.to(torch.uint8))
+        write_idx(images_file, images)
+
+
+def _prototypes() -> torch.Tensor:
+    """Ten 28x28 silhouettes in [0, 1], one per Fashion-MNIST class, drawn from rectangles."""
+    protos = torch.zeros(10, 28, 28)
+
+    def box(k, rows, cols, value=1.0):
+        protos[k, rows[0]:rows[1], cols[0]:cols[1]] = value
+
+    box(0, (6, 25), (9, 19)); box(0, (6, 11), (4, 24))                            # T-shirt: short sleeves
+    box(1, (3, 26), (8, 13)); box(1, (3, 26), (15, 20)); box(1, (3, 7), (8, 20))   # trouser: two legs
+    box(2, (5, 24), (8, 20)); box(2, (5, 22), (4, 8)); box(2, (5, 22), (20, 24))   # pullover: long sleeves
+    for r in range(3, 26):                                                          # dress: widening
+        half = 3 + (r - 3) // 3
+        box(3, (r, r + 1), (14 - half, 14 + half))
+    box(4, (4, 26), (7, 21)); box(4, (4, 24), (3, 7)); box(4, (4, 24), (21, 25))   # coat: long + zip
+    box(4, (8, 26), (13, 15), 0.3)
+    for r in (15, 18, 21):                                                          # sandal: straps
+        box(5, (r, r + 2), (3, 25))
+    box(5, (14, 23), (3, 5))
+    box(6, (5, 24), (8, 20)); box(6, (5, 20), (4, 8)); box(6, (5, 20), (20, 24))   # shirt: collar, buttons
+    box(6, (5, 8), (12, 16), 0.2); box(6, (9, 24), (13, 15), 0.6)
+    box(7, (16, 22), (2, 26)); box(7, (12, 16), (14, 26))                          # sneaker: low
+    box(8, (9, 25), (5, 23)); box(8, (4, 9), (9, 11)); box(8, (4, 9), (17, 19))    # bag: handles
+    box(8, (4, 6), (9, 19))
+    box(9, (4, 20), (14, 23)); box(9, (16, 24), (3, 24))                           # ankle boot
+    return protos
+
+
+def synthetic_samples(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images of the ten silhouettes under random affine jitter, contrast, texture, a faint blend of
+    another class and pixel noise: learnable (a short run climbs far above chance) but not trivially
+    (upper-body garments look alike, as in the real data set)."""
+    protos = _prototypes()
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    others = torch.randint(0, 10, (n,), generator=generator)
+    blend = torch.rand(n, 1, 1, generator=generator) * 0.5
+    base = (1 - blend) * protos[labels] + blend * protos[others]
+
+    angle = (torch.rand(n, generator=generator) - 0.5) * math.radians(30)
+    scale = 0.8 + 0.35 * torch.rand(n, generator=generator)
+    shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.35
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, (n, 1, 28, 28), align_corners=False)
+    warped = F.grid_sample(base.unsqueeze(1), grid, align_corners=False).squeeze(1)
+
+    contrast = 0.45 + 0.55 * torch.rand(n, 1, 1, generator=generator)
+    texture = 0.7 + 0.3 * torch.rand(n, 28, 28, generator=generator)
+    noise = 0.18 * torch.randn(n, 28, 28, generator=generator)
+    images = (warped * contrast * texture + noise).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8), labels
+
+
+def load_data(cfg) -> tuple[Split, Split]:
+    """The train and test splits named by the config (the synthetic set is generated on first use)."""
+    if cfg.dataset == "synthetic":
+        root = synthetic_root(cfg.data_dir, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
+        make_synthetic(root, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
+        download = False
+    else:
+        root, download = Path(cfg.data_dir), cfg.download
+    train = load_split(root, train=True, download=download).head(cfg.limit_train)
+    test = load_split(root, train=False, download=download).head(cfg.limit_test)
+    return train, test
+
+
+# ----------------------------------------------------------------------------- loaders
+
+class EpochOrder(Sampler[int]):
+    """The global sample order of one epoch: a permutation that depends only on (seed, epoch), read
+    from position `start`. Accelerate deals consecutive batches of it to the processes, so the samples
+    a run sees next are fixed by (seed, epoch, position) whatever the number of processes, which is
+    what makes an exact resume possible."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool):
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self):
+        return iter(self.order(self.epoch)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class SampleIndices(Dataset):
+    """Item i is just i: the loader batches indices, and GatherBatch turns each batch into images."""
+
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class GatherBatch:
+    """collate_fn of the device pipeline: a list of indices -> uint8 images and labels, one indexing op."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.split.images[index], self.split.labels[index]
+
+
+class PILImages(Dataset):
+    """The tutorial's pipeline: one PIL image at a time through Resize + ToTensor (+ Normalize)."""
+
+    def __init__(self, split: Split, image_size: int):
+        from torchvision import transforms
+
+        self.split = split
+        self.transform = transforms.Compose([
+            transforms.Resize(image_size), transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,)),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.split.images[i].numpy(), mode="L")), self.split.labels[i]
+
+
+def make_loader(split: Split, cfg, train: bool) -> tuple[DataLoader, EpochOrder]:
+    """A DataLoader over `split` in EpochOrder, before accelerator.prepare() shards it."""
+    order = EpochOrder(len(split), cfg.seed, shuffle=train)
+    # Training drops the last incomplete global batch; evaluation keeps every sample
+    # (gather_for_metrics removes the padding Accelerate adds to even out the ranks).
+    batches = BatchSampler(order, cfg.batch_size, drop_last=train)
+    pin = torch.cuda.is_available()
+    if cfg.pipeline == "device":
+        loader = DataLoader(SampleIndices(len(split)), batch_sampler=batches, collate_fn=GatherBatch(split),
+                            pin_memory=pin)
+    else:
+        loader = DataLoader(PILImages(split, cfg.image_size), batch_sampler=batches, pin_memory=pin,
+                            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    return loader, order
+
+
+def to_model_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Device pipeline: uint8 [B, 28, 28] -> normalized float [B, 1, S, S], as batched tensor ops.
+    Batches from the torchvision pipeline are already float [B, 1, S, S] and pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    x = images.unsqueeze(1).float().div_(255)
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return x.sub_(MEAN).div_(STD)
