@@ -251,14 +251,15 @@ class SampleIndices(Dataset):
 
 
 class GatherBatch:
-    """collate_fn of the device pipeline: a list of indices -> uint8 images and labels, one indexing op."""
+    """collate_fn of the device pipeline: a list of indices -> uint8 images, labels and the sample indices
+    themselves (per-sample randomness and resume checks key on them), with one indexing op."""
 
     def __init__(self, split: Split):
         self.split = split
 
-    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices)
-        return self.split.images[index], self.split.labels[index]
+        return self.split.images[index], self.split.labels[index], index
 
 
 class PILImages(Dataset):
@@ -278,7 +279,8 @@ class PILImages(Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.split.images[i].numpy(), mode="L")), self.split.labels[i]
+        image = Image.fromarray(self.split.images[i].numpy(), mode="L")
+        return self.transform(image), self.split.labels[i], i
 
 
 def make_loader(split: Split, cfg, train: bool) -> tuple[DataLoader, EpochOrder]:

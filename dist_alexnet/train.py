@@ -67,7 +67,7 @@ def evaluate(model, loader, accelerator: Accelerator, image_size: int) -> dict:
     the duplicates Accelerate pads the last batch with, so counts equal the test-set size."""
     model.eval()
     losses, predictions, labels = [], [], []
-    for images, targets in loader:
+    for images, targets, _ in loader:
         logits = model(to_model_input(images, image_size)).float()
         loss = F.cross_entropy(logits, targets, reduction="none")
         loss, pred, targets = accelerator.gather_for_metrics((loss, logits.argmax(1), targets))
@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> dict:
     while step < total_steps:
         train_order.set_position(epoch)
         epoch_start = time.perf_counter()
-        for images, labels in train_loader:
+        for images, labels, _ in train_loader:
             with accelerator.accumulate(model):
                 logits = model(to_model_input(images, cfg.image_size))
                 loss = F.cross_entropy(logits, labels)
