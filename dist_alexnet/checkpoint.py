@@ -1,9 +1,19 @@
-"""Checkpoints: complete or invisible.
+"""Checkpoints that survive anything, and the preemption signals that trigger the last one.
 
-Layout: <run>/checkpoints/step_NNNNNN/ holding model.safetensors (state dict of the unwrapped model)
-and trainer_state.json. A checkpoint is written under a temporary name, fsynced, then renamed, so a
-directory named step_* is always complete; old ones are deleted only after the new one is committed.
-Only rank 0 calls these functions.
+A checkpoint is complete or invisible: rank 0 writes it under a temporary name, fsyncs every file,
+then renames it to checkpoints/step_NNNNNN/. Old ones are deleted only after the new one is
+committed (renamed away first, so a half-deleted one is never mistaken for a checkpoint), and the
+best one by test accuracy is kept as well (checkpoints/best links to it).
+
+    step_000123/
+      model.safetensors    state dict of the unwrapped model
+      optimizer.pt         Adam state
+      scaler.pt            GradScaler state (fp16 only)
+      rng_states.pt        torch RNG states of every rank (gathered to rank 0)
+      trainer_state.json   step, epoch, sample position in the epoch, best test accuracy, config
+
+Loading never executes code from a file: safetensors for the weights, torch.load(weights_only=True)
+for the rest.
 """
 
 from __future__ import annotations
@@ -12,12 +22,16 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})$")
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng_states.pt", "trainer_state.json")
 
 
 class CheckpointError(ValueError):
@@ -33,11 +47,19 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)]
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and CHECKPOINT_NAME.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
 
 
-def _fsync_dir(path: Path) -> None:
+def half_written(run_dir: str | os.PathLike) -> list[Path]:
+    """Leftovers of a save or a deletion that was interrupted (by kill -9, a node failure...)."""
+    folder = checkpoint_dir(run_dir)
+    return sorted(folder.glob(".tmp-*")) + sorted(folder.glob(".trash-*")) if folder.is_dir() else []
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,26 +67,210 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict[str, torch.Tensor],
-                    trainer_state: dict, keep: int) -> Path:
-    """Write step_NNNNNN atomically, then drop all but the newest `keep` checkpoints."""
+def _remove(path: Path) -> None:
+    """Rename out of sight first (atomic), then delete: an interrupted delete leaves only a .trash-* dir."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, object], trainer_state: dict,
+                    keep: int) -> Path:
+    """Write step_NNNNNN atomically (rank 0 only), then apply retention.
+
+    `files` maps file names to what goes in them: the model's state dict (saved with safetensors)
+    under "model.safetensors", anything else is saved with torch.save.
+    """
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:06d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model_state.items()}
-    save_file(tensors, tmp / "model.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. a resumed run's first save): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(folder)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in half_written(run_dir):  # from an earlier, interrupted process
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir()
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in content.items()}, tmp / name)
+            else:
+                torch.save(content, tmp / name)
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        if final.exists():  # the same step saved again (a resumed run re-reaching it): replace it
+            _remove(final)
+        os.rename(tmp, final)
+        _fsync(folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(run_dir)
+        raise CheckpointError(f"could not write checkpoint {final} ({err.strerror or err}); "
+                              f"{'the previous one, ' + str(previous[-1]) + ', is intact' if previous else 'no earlier checkpoint exists'}"
+                              f"; free space or choose another --output-dir") from None
+    if trainer_state.get("test_acc") is not None and trainer_state["test_acc"] >= trainer_state["best_test_acc"]:
+        _point_best_at(final)
+    _apply_retention(run_dir, keep)
     return final
+
+
+def _point_best_at(checkpoint: Path) -> None:
+    link = checkpoint.parent / "best"
+    tmp = checkpoint.parent / f".best-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(checkpoint.name)  # relative: the run directory can be moved
+    if link.is_dir() and not link.is_symlink():  # a copy of the run made `best` a real directory
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    link = checkpoint_dir(run_dir) / "best"
+    return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def _apply_retention(run_dir: str | os.PathLike, keep: int) -> None:
+    best = best_checkpoint(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if best is None or old.resolve() != best:
+            _remove(old)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    path = checkpoint / "trainer_state.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {checkpoint} is not a dist-alexnet checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is corrupt (not valid JSON)") from None
+
+
+def load_model_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt ({err})") from None
+
+
+def load_tensors(path: Path, map_location="cpu"):
+    """torch.load that only accepts tensors and plain containers: a pickle cannot run code here."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError/EOFError for truncation
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is corrupt or holds more than plain tensors; refusing to load it "
+                              f"({first[:200]})") from None
+
+
+def load_checkpoint(checkpoint: Path) -> dict:
+    """Everything a resume needs, read and validated; raises CheckpointError naming the bad file."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist (expected a checkpoints/step_NNNNNN "
+                              f"directory)")
+    state = read_trainer_state(checkpoint)
+    loaded = {
+        "path": checkpoint,
+        "trainer_state": state,
+        "model": load_model_state(checkpoint / "model.safetensors"),
+        "optimizer": load_tensors(checkpoint / "optimizer.pt"),
+        "rng_states": load_tensors(checkpoint / "rng_states.pt"),
+    }
+    if (checkpoint / "scaler.pt").exists():
+        loaded["scaler"] = load_tensors(checkpoint / "scaler.pt")
+    return loaded
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str, log) -> dict | None:
+    """--resume none: nothing. PATH: that checkpoint (an error if it is bad). auto: the newest
+    complete checkpoint of the run, falling back to older ones (with a warning) when it is corrupt."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        return load_checkpoint(Path(resume))
+    for leftover in half_written(run_dir):
+        log(f"warning: ignoring half-written checkpoint {leftover} (an earlier run was interrupted while saving)")
+    for candidate in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(candidate)
+        except CheckpointError as err:
+            log(f"warning: skipping checkpoint {candidate}: {err}; falling back to the previous one")
+    return None
+
+
+def check_compatible(trainer_state: dict, signature: dict, path: Path) -> None:
+    """Refuse a checkpoint made for another model shape or data set."""
+    saved = trainer_state.get("signature", {})
+    different = [f"{key} {saved.get(key)!r} (this run: {value!r})" for key, value in signature.items()
+                 if saved.get(key) != value]
+    if different:
+        raise CheckpointError(f"checkpoint {path} was made for a different model or data set: "
+                              f"{', '.join(different)}; use another --output-dir or --resume none")
+
+
+# ----------------------------------------------------------------------------- preemption
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class PreemptionFlag:
+    """Notes that SIGTERM, SIGUSR1 or SIGINT arrived; the training loop polls it once per step.
+
+    Slurm sends SIGUSR1 (as asked with --signal) or SIGTERM before it stops a job; a first Ctrl-C
+    asks for the same clean stop, a second one interrupts at once.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def install(self) -> PreemptionFlag:
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def slurm_job_id(env=os.environ) -> str | None:
+    """The id `scontrol requeue` needs: ARRAYJOB_TASK for an array task, else the job id."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def requeue_command(env=os.environ) -> list[str] | None:
+    job = slurm_job_id(env)
+    return ["scontrol", "requeue", job] if job else None
+
+
+def requeue_slurm_job(log) -> bool:
+    command = requeue_command()
+    if command is None:
+        log("not requeueing: not inside a Slurm job")
+        return False
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log(f"warning: {' '.join(command)} failed ({err}); resubmit the job to continue")
+        return False
+    if done.returncode != 0:
+        log(f"warning: {' '.join(command)} failed: {done.stderr.strip()}; resubmit the job to continue")
+        return False
+    log(f"requeued Slurm job {command[-1]}")
+    return True

@@ -27,10 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dist_alexnet.train import train  # imports torch/accelerate: keep `--help` fast
+    from dist_alexnet.train import TrainingDiverged, train  # imports torch/accelerate: keep `--help` fast
 
-    train(config_from_args(args))
-    return 0
+    try:
+        train(config_from_args(args))
+    except TrainingDiverged as err:
+        print(f"dist-alexnet: error: {err}", file=sys.stderr)
+        return 3
+    return 0  # also after a preemption: the checkpoint is saved and the job (re)queued
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,8 @@ class TrainConfig:
     checkpoint_every: int | None = _opt(None, "optimizer steps between checkpoints (plus one at every "
                                         "epoch end and at exit)")
     keep_checkpoints: int = _opt(3, "newest K checkpoints kept (K >= 2), plus the best by test accuracy")
+    requeue_on_preempt: bool | None = _opt(None, "after a preemption signal (SIGUSR1/SIGTERM) and its checkpoint, "
+                                           "requeue the Slurm job with scontrol; unset = on inside a Slurm job")
     log_every: int = _opt(50, "optimizer steps between log lines and TensorBoard points")
 
     def validate(self) -> TrainConfig:

@@ -290,12 +290,16 @@ def make_loader(split: Split, cfg, train: bool) -> tuple[DataLoader, EpochOrder]
     # (gather_for_metrics removes the padding Accelerate adds to even out the ranks).
     batches = BatchSampler(order, cfg.batch_size, drop_last=train)
     pin = torch.cuda.is_available()
+    # The loader draws its workers' base seed from this generator rather than from the global RNG, so
+    # starting an epoch (or an evaluation) does not shift the dropout stream: resume stays exact.
+    generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.pipeline == "device":
         loader = DataLoader(SampleIndices(len(split)), batch_sampler=batches, collate_fn=GatherBatch(split),
-                            pin_memory=pin)
+                            pin_memory=pin, generator=generator)
     else:
         loader = DataLoader(PILImages(split, cfg.image_size), batch_sampler=batches, pin_memory=pin,
-                            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                            generator=generator)
     return loader, order
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
 
-from dist_alexnet.checkpoint import save_checkpoint
+from dist_alexnet.checkpoint import (CheckpointError, PreemptionFlag, check_compatible, find_resume_checkpoint,
+                                     list_checkpoints, requeue_slurm_job, save_checkpoint)
 from dist_alexnet.config import ConfigError, TrainConfig, resolve_mixed_precision, save_yaml
 from dist_alexnet.data import load_data, make_loader, to_model_input
 from dist_alexnet.model import AlexNet
@@ -117,13 +118,53 @@ class Progress:
             self.bar.close()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite on some rank; every rank stopped before applying it."""
+
+
+def rng_state() -> dict:
+    """This rank's random state: dropout is the only consumer (data order and loaders have their own)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def injected_nan_step(rank: int) -> int | None:
+    """Test hook: DIST_ALEXNET_INJECT_NAN="RANK:STEP" makes that rank's loss NaN at that optimizer step."""
+    value = os.environ.get("DIST_ALEXNET_INJECT_NAN")
+    if not value:
+        return None
+    target_rank, target_step = (int(x) for x in value.split(":"))
+    return target_step if target_rank == rank else None
+
+
+def open_sample_log(rank: int):
+    """Debugging aid: with DIST_ALEXNET_SAMPLE_LOG=DIR every rank appends "epoch sample-index" lines for
+    each training sample it consumes to DIR/rank<R>-<pid>.txt (used to prove resume neither repeats
+    nor skips samples)."""
+    folder = os.environ.get("DIST_ALEXNET_SAMPLE_LOG")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return open(Path(folder) / f"rank{rank}-{os.getpid()}.txt", "a", buffering=1)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train, evaluate after every epoch, checkpoint, and return the final metrics (on every rank)."""
+    """Train, evaluate after every epoch, checkpoint, and return the final metrics (on every rank).
+    After a preemption signal it saves a checkpoint and returns {"preempted": True, ...} instead."""
     started = time.perf_counter()
     accelerator = make_accelerator(cfg)
     master = accelerator.is_main_process
     world = accelerator.num_processes
     run_dir = resolve_run_dir(cfg, accelerator)
+    log = print if master else (lambda *args, **kwargs: None)
 
     # --- data: rank 0 of each node writes the synthetic set / downloads first, the others then read it
     with accelerator.local_main_process_first():
@@ -135,79 +176,185 @@ def train(cfg: TrainConfig) -> dict:
     train_loader, train_order = make_loader(train_split, cfg, train=True)
     test_loader, _ = make_loader(test_split, cfg, train=False)
 
-    # --- model and optimizer: same initial weights on every rank, then per-rank dropout streams
+    # --- model and optimizer: same initial weights on every rank
     set_seed(cfg.seed)
     model = build_model(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    set_seed(cfg.seed, device_specific=True)
 
-    micro_batches_per_epoch = len(train_split) // global_batch
-    steps_per_epoch = math.ceil(micro_batches_per_epoch / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
+    # --- resume: every rank reads the same checkpoint files and so makes the same choice
+    signature = {"model_width": cfg.model_width, "dataset": cfg.dataset,
+                 "train_samples": len(train_split), "test_samples": len(test_split)}
+    step, epoch, position, best_acc, pending = 0, 0, 0, None, [0.0, 0.0, 0.0]
+    resumed = find_resume_checkpoint(run_dir, cfg.resume, log)
+    if resumed:
+        state = resumed["trainer_state"]
+        check_compatible(state, signature, resumed["path"])
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        best_acc, pending = state["best_test_acc"], state["pending_train_sums"]
+
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    set_seed(cfg.seed, device_specific=True)  # per-rank dropout streams...
+    if resumed:  # ...or exactly where they were
+        saved_states = resumed["rng_states"]
+        if accelerator.process_index < len(saved_states):
+            set_rng_state(saved_states[accelerator.process_index])
+        if "scaler" in resumed and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(resumed["scaler"])
+        if len(saved_states) != world:
+            log(f"note: the checkpoint was made by {len(saved_states)} process(es), this run has {world}: "
+                f"the data continues from the same sample, dropout streams are re-seeded where missing")
+
+    def steps_in(samples: int) -> int:
+        return math.ceil((samples // global_batch) / cfg.grad_accum)
+
+    epochs_left = cfg.epochs - epoch
+    total_steps = step + (steps_in(len(train_split) - position) + steps_in(len(train_split)) * (epochs_left - 1)
+                          if epochs_left > 0 else 0)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
-    accelerator.init_trackers("tensorboard")
-    progress = Progress(master, total=total_steps, initial=0)
+    # A resumed run appends to the same event files' directory; purge_step drops whatever the
+    # interrupted run logged after its checkpoint, so no step appears twice.
+    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": step + 1}} if resumed else {})
+    progress = Progress(master, total=total_steps, initial=step)
     progress.log(f"run directory {run_dir} | {world} process(es), {accelerator.distributed_type.value}, "
                  f"mixed precision {accelerator.mixed_precision} | {len(train_split)} train / "
                  f"{len(test_split)} test samples, global batch {global_batch}, {total_steps} steps")
+    if resumed:
+        progress.log(f"resumed from {resumed['path']} at step {step} (epoch {epoch + 1}, sample {position} "
+                     f"of {len(train_split)})")
+    del resumed  # its tensors are loaded; free the memory
+
+    def save(results: dict | None = None) -> Path:
+        """Checkpoint the current step. Called on every rank: RNG states are gathered to rank 0, which
+        writes; a failure there is broadcast so that every rank stops with the same error."""
+        rng_states = gather_object([rng_state()])
+        sums_now = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+        outcome = [None]
+        if master:
+            files = {"model.safetensors": accelerator.unwrap_model(model).state_dict(),
+                     "optimizer.pt": optimizer.state_dict(), "rng_states.pt": rng_states}
+            if accelerator.scaler is not None:
+                files["scaler.pt"] = accelerator.scaler.state_dict()
+            trainer_state = {
+                "step": step, "epoch": epoch, "position": position,
+                "test_acc": results["test_acc"] if results else None, "best_test_acc": best_acc,
+                "pending_train_sums": sums_now, "world_size": world, "signature": signature,
+                "config": cfg.to_dict(),
+            }
+            try:
+                outcome = [("saved", save_checkpoint(run_dir, step, files, trainer_state, cfg.keep_checkpoints))]
+            except CheckpointError as err:
+                outcome = [("failed", str(err))]
+        if world > 1:
+            broadcast_object_list(outcome, from_process=0)
+        kind, detail = outcome[0]
+        if kind == "failed":
+            raise CheckpointError(detail)
+        progress.log(f"saved checkpoint {detail}")
+        return detail
 
     # --- the loop
-    step, epoch = 0, 0
     train_seconds, train_images = 0.0, 0
     # Running sums stay on the device; they are read (one sync) only when logging.
-    sums = torch.zeros(3, device=accelerator.device)  # loss x samples, correct, samples
+    sums = torch.tensor(pending if master else [0.0, 0.0, 0.0], device=accelerator.device)  # loss x n, correct, n
+    nonfinite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last optimizer step
     last_train_loss = float("nan")
     results = {}
-    while step < total_steps:
-        train_order.set_position(epoch)
-        epoch_start = time.perf_counter()
-        for images, labels, _ in train_loader:
-            with accelerator.accumulate(model):
-                logits = model(to_model_input(images, cfg.image_size))
-                loss = F.cross_entropy(logits, labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            train_images += global_batch
-            sums += torch.stack([loss.detach().float() * len(labels),
-                                 (logits.detach().argmax(1) == labels).sum().float(),
-                                 torch.tensor(float(len(labels)), device=sums.device)])
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update()
-            last_step = step == total_steps
-            if step % cfg.log_every == 0 or last_step:
-                loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
-                sums.zero_()
-                last_train_loss = loss_sum / count
-                accelerator.log({"train/loss": last_train_loss, "train/acc": correct / count}, step=step)
-                progress.show(loss=f"{last_train_loss:.4f}", acc=f"{correct / count:.3f}")
-                if not progress.bar:
-                    progress.log(f"epoch {epoch + 1} step {step}/{total_steps} | loss {last_train_loss:.4f} "
-                                 f"acc {correct / count:.4f}")
-            if last_step:
-                break
-        train_seconds += time.perf_counter() - epoch_start
-        epoch += 1
+    nan_step = injected_nan_step(accelerator.process_index)
+    sample_log = open_sample_log(accelerator.process_index)
+    preemption = PreemptionFlag().install()
+    try:
+        while step < total_steps:
+            train_order.set_position(epoch, position)
+            epoch_start = time.perf_counter()
+            stop_signal = False
+            for images, labels, indices in train_loader:
+                if sample_log:
+                    sample_log.write("".join(f"{epoch} {i}\n" for i in indices.tolist()))
+                with accelerator.accumulate(model):
+                    logits = model(to_model_input(images, cfg.image_size))
+                    loss = F.cross_entropy(logits, labels)
+                    if nan_step == step + 1:
+                        loss = loss * float("nan")
+                    nonfinite += ~torch.isfinite(loss.detach())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # The one per-step sync: every rank learns whether any rank saw a non-finite loss
+                        # (then nobody applies the step) or got a preemption signal (then all stop here).
+                        flags = torch.stack([nonfinite.float(), torch.tensor(float(bool(preemption.received)),
+                                                                             device=nonfinite.device)])
+                        all_flags = accelerator.gather(flags.reshape(1, 2)).tolist()
+                        bad_ranks = [rank for rank, (bad, _) in enumerate(all_flags) if bad]
+                        if bad_ranks:
+                            checkpoints = list_checkpoints(run_dir)
+                            raise TrainingDiverged(
+                                f"the loss became NaN/inf at step {step + 1} on rank(s) "
+                                f"{', '.join(map(str, bad_ranks))}; the step was not applied. The learning rate "
+                                f"(--lr {cfg.lr:g}) is likely too high for Adam. Last good checkpoint: "
+                                f"{checkpoints[-1] if checkpoints else 'none yet'}; resume from it with a lower --lr")
+                        stop_signal = any(sig for _, sig in all_flags)
+                        nonfinite.zero_()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                train_images += global_batch
+                position += global_batch
+                sums += torch.stack([loss.detach().float() * len(labels),
+                                     (logits.detach().argmax(1) == labels).sum().float(),
+                                     torch.tensor(float(len(labels)), device=sums.device)])
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update()
+                last_step = step == total_steps
+                epoch_ends = len(train_split) - position < global_batch
+                if step % cfg.log_every == 0 or last_step:
+                    loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
+                    sums.zero_()
+                    last_train_loss = loss_sum / count
+                    accelerator.log({"train/loss": last_train_loss, "train/acc": correct / count}, step=step)
+                    progress.show(loss=f"{last_train_loss:.4f}", acc=f"{correct / count:.3f}")
+                    if not progress.bar:
+                        progress.log(f"epoch {epoch + 1} step {step}/{total_steps} | loss {last_train_loss:.4f} "
+                                     f"acc {correct / count:.4f}")
+                if stop_signal or last_step:
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not epoch_ends:
+                    save()
+            train_seconds += time.perf_counter() - epoch_start
 
-        results = evaluate(model, test_loader, accelerator, cfg.image_size)
-        accelerator.log({"test/loss": results["test_loss"], "test/acc": results["test_acc"]}, step=step)
-        progress.log(f"epoch {epoch} done at step {step} | test loss {results['test_loss']:.4f} "
-                     f"acc {results['test_acc']:.4f} ({results['test_correct']}/{results['test_samples']})")
-        if master:
-            state = {"step": step, "epoch": epoch, "test_acc": results["test_acc"], "config": cfg.to_dict()}
-            path = save_checkpoint(run_dir, step, accelerator.unwrap_model(model).state_dict(), state,
-                                   keep=cfg.keep_checkpoints)
-            progress.log(f"saved checkpoint {path}")
-        accelerator.wait_for_everyone()
+            if stop_signal:
+                path = save()
+                progress.close()
+                log(f"preempted at step {step} by {preemption.received or 'a signal on another rank'}: "
+                    f"saved {path}; continue with --resume auto")
+                requeue = cfg.requeue_on_preempt if cfg.requeue_on_preempt is not None else "SLURM_JOB_ID" in os.environ
+                if master and requeue:
+                    requeue_slurm_job(log)
+                accelerator.end_training()
+                return {"preempted": True, "steps": step, "checkpoint": str(path)}
+
+            if len(train_split) - position < global_batch:  # the epoch is complete
+                epoch, position = epoch + 1, 0
+            results = evaluate(model, test_loader, accelerator, cfg.image_size)
+            accelerator.log({"test/loss": results["test_loss"], "test/acc": results["test_acc"]}, step=step)
+            where = f"end of epoch {epoch}" if position == 0 else f"epoch {epoch + 1}, sample {position}"
+            progress.log(f"step {step} ({where}) | test loss {results['test_loss']:.4f} "
+                         f"acc {results['test_acc']:.4f} ({results['test_correct']}/{results['test_samples']})")
+            best_acc = max(best_acc if best_acc is not None else -1.0, results["test_acc"])
+            save(results)
+    finally:
+        preemption.restore()
+        if sample_log:
+            sample_log.close()
     progress.close()
+    if not results:  # resumed from the final checkpoint: nothing left to train, evaluate it again
+        results = evaluate(model, test_loader, accelerator, cfg.image_size)
 
     # DDP keeps every rank's weights identical; record one checksum per rank so anyone can verify it.
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)

@@ -1,0 +1,311 @@
+"""Checkpoints and resume: bit-exact resume (1 and 2 processes) with negative controls, resume on another
+world size, kill -9 while saving, preemption signals, requeue, corrupt and malicious checkpoint files."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_alexnet.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, requeue_command
+from tests.helpers import TINY, command, cpu_env, metrics, run, scalars, train_tiny
+
+STEPS_PER_EPOCH = {1: 1024 // 32, 2: 1024 // 64}
+
+
+def final_weights(run_dir):
+    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def per_step_losses(run_dir):
+    return scalars(run_dir, "train/loss")
+
+
+def resume_with(run_dir, data_dir, processes, edit=None):
+    """Copy an interrupted run, optionally tamper with its checkpoint, resume it to the end."""
+    if edit:
+        edit(list_checkpoints(run_dir)[-1])
+    train_tiny(run_dir, data_dir, "--epochs", "2", "--log-every", "1", processes=processes)
+    return run_dir
+
+
+def forget_position(checkpoint: Path):
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["position"] = 0
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+
+def forget_rng(checkpoint: Path):
+    states = torch.load(checkpoint / "rng_states.pt", weights_only=True)
+    torch.save([{"cpu": torch.Generator().manual_seed(12345 + i).get_state()} for i in range(len(states))],
+               checkpoint / "rng_states.pt")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, processes):
+    stop = STEPS_PER_EPOCH[processes] + 7  # mid-epoch, in the second epoch
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train_tiny(whole, data_dir, "--epochs", "2", "--log-every", "1", processes=processes)
+    train_tiny(cut, data_dir, "--epochs", "2", "--log-every", "1", "--max-steps", str(stop), processes=processes)
+    assert list_checkpoints(cut)[-1].name == f"step_{stop:06d}"
+    controls = {name: shutil.copytree(cut, tmp_path / name, symlinks=True) for name in ("no_position", "no_rng")}
+
+    result = resume_with(cut, data_dir, processes)
+    assert per_step_losses(result) == per_step_losses(whole)  # every step's loss, exactly
+    assert max_difference(final_weights(result), final_weights(whole)) == 0.0
+    for name, tensor in final_weights(whole).items():
+        assert torch.equal(tensor, final_weights(result)[name])
+
+    # Negative controls: without the data position or the RNG state the runs must differ.
+    for name, edit in (("no_position", forget_position), ("no_rng", forget_rng)):
+        other = resume_with(controls[name], data_dir, processes, edit)
+        assert max_difference(final_weights(other), final_weights(whole)) > 0, name
+        assert per_step_losses(other) != per_step_losses(whole), name
+
+
+def samples_seen(log_dir: Path, epoch: int) -> list[int]:
+    seen = []
+    for file in log_dir.glob("*.txt"):
+        for line in file.read_text().splitlines():
+            e, index = map(int, line.split())
+            if e == epoch:
+                seen.append(index)
+    return seen
+
+
+@pytest.mark.parametrize("before, after, stop", [(2, 1, 16 + 5), (1, 2, 32 + 8)])
+def test_resume_on_another_world_size_sees_each_sample_once(tmp_path, data_dir, before, after, stop):
+    run_dir, log_dir = tmp_path / "run", tmp_path / "samples"
+    env = cpu_env(DIST_ALEXNET_SAMPLE_LOG=log_dir)
+    train_tiny(run_dir, data_dir, "--epochs", "2", "--max-steps", str(stop), processes=before, env=env)
+    result = train_tiny(run_dir, data_dir, "--epochs", "2", processes=after, env=env)
+    assert "resumed from" in result.stdout and f"step {stop}" in result.stdout
+    # Epoch index 1 was split between the two world sizes: every sample exactly once.
+    assert sorted(samples_seen(log_dir, 1)) == list(range(1024))
+    assert sorted(samples_seen(log_dir, 0)) == list(range(1024))
+    state = json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and state["world_size"] == after
+
+
+def test_kill_9_while_checkpointing_always_resumes_from_a_committed_checkpoint(tmp_path, data_dir):
+    """Checkpoint every step, kill -9 at random moments, restart: never a crash on a partial checkpoint."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--epochs", "3",
+            "--checkpoint-every", "1", "--log-every", "1", "--keep-checkpoints", "2"]
+    rng = random.Random(0)
+    trials, mid_write, recovered = 10, 0, 0
+    for trial in range(trials):
+        committed = [p.name for p in list_checkpoints(run_dir)]
+        proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=cpu_env())
+        # wait until this process has saved at least once, then kill it at a random moment
+        deadline = time.time() + 120
+        while time.time() < deadline and [p.name for p in list_checkpoints(run_dir)] == committed:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        out = proc.communicate(timeout=60)[0]
+        assert "Traceback" not in out, out[-3000:]
+        if committed:  # it resumed from the newest checkpoint that existed when it started
+            assert f"resumed from {run_dir / 'checkpoints' / committed[-1]}" in out, out[-3000:]
+            recovered += 1
+        mid_write += bool(list((run_dir / "checkpoints").glob(".tmp-*")))
+    final = run(args, timeout=300)
+    assert "resumed from" in final.stdout
+    assert metrics(run_dir)["steps"] == 3 * 32
+    steps = [s for s, _ in scalars(run_dir, "train/loss")]
+    assert steps == list(range(1, 3 * 32 + 1))  # no step lost or repeated in TensorBoard across restarts
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    print(f"kill -9 trials: {trials}, recovered: {recovered}/{trials - 1} restarts + final, "
+          f"killed mid-write: {mid_write}")
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the training processes started by `accelerate launch`."""
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ppid == launcher_pid:
+            for item in env:
+                if item.startswith(b"RANK="):
+                    ranks[int(item[5:])] = int(proc.name)
+    return ranks
+
+
+def wait_for_line(proc, needle: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)[-3000:]}")
+
+
+@pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0), (signal.SIGUSR1, "launcher")])
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, data_dir, sig, target):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--epochs", "20", "--log-every", "1"]
+    # torchrun (inside accelerate launch) forwards SIGTERM/SIGINT to the workers, and SIGUSR1 when told to.
+    env = cpu_env(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    proc = subprocess.Popen(command(args, processes=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    try:
+        lines = wait_for_line(proc, "step 20/")
+        os.kill(proc.pid if target == "launcher" else worker_pids(proc.pid)[target], sig)
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    # The launcher itself reports the signal it got as a failure; signalled workers exit cleanly.
+    assert proc.returncode == 0 or target == "launcher", out[-3000:]
+    assert "Traceback" not in out.split("preempted at step")[0], out[-3000:]
+    assert out.count("preempted at step") == 1, out[-3000:]
+    stopped = int(out.split("preempted at step ")[1].split()[0])
+    assert list_checkpoints(run_dir)[-1].name == f"step_{stopped:06d}"
+    assert not (run_dir / "metrics.json").exists()
+    state = json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())
+    assert state["step"] == stopped and len(torch.load(list_checkpoints(run_dir)[-1] / "rng_states.pt",
+                                                       weights_only=True)) == 2
+    # the resumed run continues from there and finishes with the right step count
+    result = train_tiny(run_dir, data_dir, "--epochs", "20", "--max-steps", str(stopped + 5), processes=2)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:06d}'} at step {stopped}" in result.stdout
+    assert metrics(run_dir)["steps"] == stopped + 5
+
+
+def test_preemption_requeues_the_slurm_job(tmp_path, data_dir):
+    """Inside a Slurm job the trainer calls `scontrol requeue <job>` after its checkpoint."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    record = tmp_path / "scontrol-args"
+    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    env = cpu_env(PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--epochs", "20",
+            "--log-every", "1"]
+    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for_line(proc, "step 5/")
+        proc.send_signal(signal.SIGUSR1)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "preempted at step" in out
+    assert record.read_text().split() == ["requeue", "4242"]
+
+
+def test_requeue_command_for_plain_and_array_jobs():
+    assert requeue_command({"SLURM_JOB_ID": "77"}) == ["scontrol", "requeue", "77"]
+    assert requeue_command({"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}) == \
+        ["scontrol", "requeue", "70_3"]
+    assert requeue_command({}) is None
+
+
+class CreatesAFile:
+    """A pickle payload: unpickling it with plain pickle would create a file."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A run with two checkpoints (steps 32 and 64) to tamper with."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train_tiny(run_dir, data_dir, "--epochs", "2")
+    return run_dir
+
+
+def tampered_copy(trained, tmp_path) -> Path:
+    return shutil.copytree(trained, tmp_path / "run", symlinks=True)
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, trained):
+    run_dir = tampered_copy(trained, tmp_path)
+    evil = tmp_path / "pwned"
+    newest = list_checkpoints(run_dir)[-1]
+    with open(newest / "optimizer.pt", "wb") as f:
+        pickle.dump({"state": CreatesAFile(evil)}, f)
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        load_checkpoint(newest)
+    result = train_tiny(run_dir, data_dir_of(trained), "--epochs", "3", "--resume", str(newest), check=False)
+    assert result.returncode == 2 and "optimizer.pt" in result.stderr and "Traceback" not in result.stderr
+    assert not evil.exists()
+
+
+def data_dir_of(run_dir: Path) -> Path:
+    import yaml
+
+    return Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data_dir"])
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt"])
+def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, trained, file):
+    run_dir = tampered_copy(trained, tmp_path)
+    newest = list_checkpoints(run_dir)[-1]
+    data = (newest / file).read_bytes()
+    (newest / file).write_bytes(data[: len(data) // 2])
+    data_dir = data_dir_of(trained)
+
+    explicit = train_tiny(run_dir, data_dir, "--epochs", "3", "--resume", str(newest), check=False)
+    assert explicit.returncode == 2, explicit.stderr
+    assert explicit.stderr.count("\n") == 1 and str(newest / file) in explicit.stderr
+    assert "truncated or corrupt" in explicit.stderr or "corrupt" in explicit.stderr
+
+    auto = train_tiny(run_dir, data_dir, "--epochs", "3")
+    assert f"skipping checkpoint {newest}" in auto.stdout
+    assert "at step 32" in auto.stdout and metrics(run_dir)["steps"] == 96
+
+
+def test_half_written_checkpoint_is_ignored_with_a_warning(tmp_path, trained):
+    run_dir = tampered_copy(trained, tmp_path)
+    partial = run_dir / "checkpoints" / ".tmp-step_000070-999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    result = train_tiny(run_dir, data_dir_of(trained), "--epochs", "3")
+    assert f"ignoring half-written checkpoint {partial}" in result.stdout
+    assert "resumed from" in result.stdout and "at step 64" in result.stdout
+    assert not partial.exists()
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path, trained):
+    run_dir = tampered_copy(trained, tmp_path)
+    result = train_tiny(run_dir, data_dir_of(trained), "--epochs", "3", "--model-width", "0.25", check=False)
+    assert result.returncode == 2
+    assert "different model or data set: model_width 0.125 (this run: 0.25)" in result.stderr
+
+
+def test_retention_keeps_the_newest_k_and_the_best(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    train_tiny(run_dir, data_dir, "--epochs", "3", "--checkpoint-every", "10", "--keep-checkpoints", "2")
+    kept = [p.name for p in list_checkpoints(run_dir)]
+    best = (run_dir / "checkpoints" / "best").resolve()
+    assert kept[-2:] == ["step_000090", "step_000096"]  # the newest two...
+    assert best.name in ("step_000032", "step_000064", "step_000096") and best.name in kept  # ...plus the best
+    assert len(kept) == (2 if best.name == "step_000096" else 3)
+    state = json.loads((best / "trainer_state.json").read_text())
+    accuracies = [s for _, s in scalars(run_dir, "test/acc")]
+    assert state["test_acc"] == state["best_test_acc"] and abs(state["test_acc"] - max(accuracies)) < 1e-6
