@@ -1,0 +1,66 @@
+"""The launchers besides plain `accelerate launch`: torchrun, and the multi-node path (two
+`accelerate launch --num_machines 2` invocations, one per "machine", meeting at 127.0.0.1) with the
+launch/accelerate/multi_node.yaml template. Each must form one 2-process DDP job whose weights are
+bit-identical to the standard one-machine 2-process run of the same configuration."""
+
+import subprocess
+
+import pytest
+
+from tests.helpers import BIN, REPO, TINY, cpu_env, free_port, metrics, train_tiny
+from tests.test_distributed import single_process_correct
+
+STEPS = ["--max-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """Metrics of the standard launch: `accelerate launch --multi_gpu --num_processes 2`, one machine."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train_tiny(run_dir, data_dir, *STEPS, processes=2)
+    return metrics(run_dir)
+
+
+def check_one_job(run_dir, data_dir, reference):
+    m = metrics(run_dir)
+    assert m["world_size"] == 2 and m["distributed_type"] == "MULTI_CPU"
+    assert m["steps"] == 3 and m["test_samples"] == 101
+    assert m["test_correct"] == single_process_correct(run_dir / "checkpoints" / "step_000003", data_dir)
+    # the same DDP job as the standard launch: same ranks, same data shards, same all-reduced gradients
+    assert m["param_checksums"] == reference["param_checksums"]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer
+
+
+def test_torchrun_two_processes_form_one_job(tmp_path, data_dir, reference):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "dist_alexnet.cli", "train", *TINY,
+           "--data-dir", str(data_dir), "--output-dir", str(run_dir), *STEPS]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    check_one_job(run_dir, data_dir, reference)
+
+
+def test_two_machines_meet_at_the_head_and_form_one_job(tmp_path, data_dir, reference):
+    """Machine rank 0 and 1 as two separate launchers, as multinode.sbatch starts them on two nodes."""
+    run_dir, port = tmp_path / "run", free_port()
+    launchers = []
+    for machine_rank in (0, 1):
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/accelerate/multi_node.yaml"),
+               "--num_machines", "2", "--machine_rank", str(machine_rank), "--num_processes", "2",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "-m", "dist_alexnet.cli", "train", *TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir),
+               *STEPS]
+        launchers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          env=cpu_env(), cwd=REPO))
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    finally:
+        for p in launchers:
+            p.kill()
+            p.wait()
+    for p, out in zip(launchers, outputs):
+        assert p.returncode == 0, out[-4000:]
+    # global rank 0 (machine 0) alone prints and writes
+    assert "run directory" in outputs[0] and "run directory" not in outputs[1]
+    check_one_job(run_dir, data_dir, reference)
