@@ -220,3 +220,68 @@ def test_multinode_sbatch_forms_one_job_across_two_nodes(slurm, tmp_path, data_d
     m = metrics(tmp_path / "runs" / f"slurm-{job}")
     assert m["world_size"] == 2 and m["steps"] == 3 and m["test_samples"] == 101
     assert m["param_checksums"][0] == m["param_checksums"][1]
+
+
+def wait_for_line(path: Path, pattern: str, timeout: float = 120) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, path.read_text() if path.exists() else "", re.MULTILINE)
+        if match:
+            return match
+        time.sleep(0.2)
+    raise AssertionError(f"no line matching {pattern!r} in {path} after {timeout} s:\n"
+                         f"{path.read_text()[-4000:] if path.exists() else '(missing)'}")
+
+
+def test_preempted_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_dir):
+    epochs, per_epoch = 6, 1024 // (2 * 32)
+    total = epochs * per_epoch
+    job = slurm.sbatch(TRAIN, tiny(data_dir, "--epochs", str(epochs)), cwd=tmp_path, NPROC_PER_NODE=2)
+    log, run_dir = tmp_path / f"slurm-{job}.out", tmp_path / "runs" / f"slurm-{job}"
+
+    # Signal only a job that is RUNNING and training (a signal to a pending job is lost), as Slurm
+    # does for `--signal=B:USR1@120`: to the batch script alone, which must pass it on.
+    wait_for_line(log, rf"^epoch 1 step 8/{total} ")
+    assert slurm.job(job)["JobState"] == "RUNNING"
+    slurm.slurm("scancel", "--signal=USR1", "--batch", job)
+
+    # Rank 0 requeued the job: pending, restart 1, held until its BeginTime (120 s) unless released.
+    requeued = slurm.wait_for(job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 120, log)
+    assert requeued["Reason"] == "BeginTime"
+    slurm.slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm.wait_until_finished(job, log)
+
+    text = log.read_text()
+    assert "got SIGUSR1: forwarding it to the training processes" in text
+    preempted = re.findall(r"^preempted at step (\d+) by SIGUSR1", text, re.MULTILINE)
+    resumed = re.findall(r"^resumed from (\S+) at step (\d+)", text, re.MULTILINE)
+    assert len(preempted) == 1 and len(resumed) == 1, text
+    step = int(preempted[0])
+    assert 8 <= step < total  # stopped while training, not at the end
+    assert resumed[0][0].endswith(f"slurm-{job}/checkpoints/step_{step:06d}") and resumed[0][1] == str(step)
+    assert f"job {job} (restart 1)" in text  # the same log file, appended to, and the same run directory
+
+    m = metrics(run_dir)
+    assert m["steps"] == total and m["world_size"] == 2 and m["test_samples"] == 101
+    # every logged step exactly once across the two runs: nothing lost, nothing repeated
+    log_every = int(TINY[TINY.index("--log-every") + 1])
+    assert [s for s, _ in scalars(run_dir, "train/loss")] == list(range(log_every, total + 1, log_every))
+    print(f"preempted at step {step}, resumed from step {resumed[0][1]}")
+
+
+def test_preemption_after_the_last_allowed_restart_saves_but_does_not_requeue(slurm, tmp_path, data_dir):
+    epochs = 10
+    total = epochs * 1024 // (2 * 32)
+    job = slurm.sbatch(TRAIN, tiny(data_dir, "--epochs", str(epochs)), cwd=tmp_path, NPROC_PER_NODE=2,
+                       MAX_RESTARTS=0)
+    log = tmp_path / f"slurm-{job}.out"
+    wait_for_line(log, rf"^epoch 1 step 8/{total} ")
+    slurm.slurm("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait_until_finished(job, log)
+
+    assert info["Restarts"] == "0"
+    text = log.read_text()
+    assert "restart 0: MAX_RESTARTS=0 reached, a preemption now saves a checkpoint and stops" in text
+    step = int(re.search(r"^preempted at step (\d+)", text, re.MULTILINE).group(1))
+    assert (tmp_path / "runs" / f"slurm-{job}" / "checkpoints" / f"step_{step:06d}").is_dir()
+    assert "requeued Slurm job" not in text
