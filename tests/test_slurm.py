@@ -24,6 +24,7 @@ import yaml
 from tests.helpers import REPO, TINY, cpu_env, free_port, metrics, scalars
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # daemons live in sbin
 TRAIN = REPO / "launch/slurm/train.sbatch"
 MULTINODE = REPO / "launch/slurm/multinode.sbatch"
 
@@ -58,10 +59,15 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def sbin(name: str) -> str:
+    return shutil.which(name, path=SEARCH_PATH)
+
+
 class Cluster:
-    """A Slurm cluster of two nodes on this machine: this host's short name (the head: it sorts first
-    or not, it does not matter) and `localhost`, both at 127.0.0.1, each with its own slurmd and port.
-    Every daemon runs in the foreground as our child, so stopping it by pid also reaps it."""
+    """A Slurm cluster on this machine: slurmctld under this host's short name, and two nodes, that
+    name and `localhost`, both at 127.0.0.1 with a slurmd each (on its own port), so that a two-node
+    job really runs two `srun` tasks with SLURM_NODEID 0 and 1. Every daemon runs in the foreground as
+    our child, so stopping it by pid also reaps it."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -78,8 +84,8 @@ class Cluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         munge = self.root / "munge"
-        self._daemon(["munged", "--foreground", "--force", f"--socket={munge}/socket", f"--key-file={key}",
-                      f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
+        self._daemon([sbin("munged"), "--foreground", "--force", f"--socket={munge}/socket",
+                      f"--key-file={key}", f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
                       f"--seed-file={munge}/munged.seed"])
         self._wait(lambda: (munge / "socket").exists(), 20, "munged did not create its socket")
 
@@ -88,23 +94,24 @@ class Cluster:
         self.conf.write_text(SLURM_CONF.format(root=self.root, head=self.nodes[0], ctld_port=free_port(),
                                                nodes=nodes))
         (self.root / "plugstack.conf").write_text("")  # none of the system's SPANK plugins
-        self._daemon(["slurmctld", "-D", "-f", str(self.conf)])
+        self._daemon([sbin("slurmctld"), "-D", "-f", str(self.conf)])
         for name in self.nodes:
-            self._daemon(["slurmd", "-D", "-f", str(self.conf), "-N", name])
+            self._daemon([sbin("slurmd"), "-D", "-f", str(self.conf), "-N", name])
         self._wait(lambda: self.slurm("sinfo", "-h", "-N", "-o", "%t", check=False).split() == ["idle"] * 2,
                    60, "the nodes did not become idle")
 
     def _daemon(self, cmd: list[str]) -> None:
-        log = open(self.root / "log" / f"{cmd[0]}-{len(self.daemons)}.out", "w")
+        log = open(self.root / "log" / f"{Path(cmd[0]).name}-{len(self.daemons)}.out", "w")
         self.daemons.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env))
         log.close()
 
     def _wait(self, condition, timeout: float, message: str) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
-            dead = [" ".join(p.args[:1]) for p in self.daemons if p.poll() is not None]
+            dead = [Path(p.args[0]).name for p in self.daemons if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"{message}{' (exited: ' + ', '.join(dead) + ')' if dead else ''}\n{self.logs()}")
+                exited = f" (exited: {', '.join(dead)})" if dead else ""
+                raise RuntimeError(f"{message}{exited}\n{self.logs()}")
             time.sleep(0.2)
 
     def logs(self) -> str:
@@ -112,7 +119,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Cancel what is left, then stop the daemons by pid: slurmd, slurmctld, munged (reverse start order)."""
-        if self.daemons and self.daemons[-1].poll() is None:
+        if self.daemons:
             jobs = self.slurm("squeue", "-h", "-o", "%i", check=False).split()
             if jobs:
                 self.slurm("scancel", *jobs, check=False)
@@ -170,9 +177,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    missing = [b for b in BINARIES if not shutil.which(b)]
+    missing = [b for b in BINARIES if not sbin(b)]
     if missing:
-        pytest.skip(f"REAL-SLURM TESTS SKIPPED: {', '.join(missing)} not installed; "
+        pytest.skip(f"REAL-SLURM TESTS SKIPPED: {', '.join(missing)} not found (PATH, /usr/sbin, /sbin); "
                     f"install Debian's slurmctld slurmd slurm-client munge (`make system-deps` as root)")
     if os.geteuid() != 0:
         pytest.skip("REAL-SLURM TESTS SKIPPED: the local test cluster runs its daemons and jobs as root")
@@ -204,6 +211,11 @@ def test_train_sbatch_runs_two_cpu_processes(slurm, tmp_path, data_dir):
 
 
 def test_multinode_sbatch_forms_one_job_across_two_nodes(slurm, tmp_path, data_dir):
+    for name in slurm.nodes:  # the script gives the head node's name as rank 0's address
+        try:
+            socket.gethostbyname(name)
+        except OSError:
+            pytest.fail(f"node name {name} does not resolve on this machine: add it to /etc/hosts")
     job = slurm.sbatch(MULTINODE, tiny(data_dir, "--max-steps", "3"), cwd=tmp_path, NPROC_PER_NODE=1)
     log = tmp_path / f"slurm-{job}.out"
     info = slurm.wait_until_finished(job, log)
@@ -236,7 +248,11 @@ def wait_for_line(path: Path, pattern: str, timeout: float = 120) -> re.Match:
 def test_preempted_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_dir):
     epochs, per_epoch = 6, 1024 // (2 * 32)
     total = epochs * per_epoch
-    job = slurm.sbatch(TRAIN, tiny(data_dir, "--epochs", str(epochs)), cwd=tmp_path, NPROC_PER_NODE=2)
+    # An array task (its id is <array job>_<task>), the case most easily got wrong: the run directory,
+    # the log file and the job that rank 0 requeues must all be the task's.
+    array_job = slurm.sbatch(TRAIN, tiny(data_dir, "--epochs", str(epochs)), cwd=tmp_path,
+                             sbatch_options=["--array=3"], NPROC_PER_NODE=2)
+    job = f"{array_job}_3"
     log, run_dir = tmp_path / f"slurm-{job}.out", tmp_path / "runs" / f"slurm-{job}"
 
     # Signal only a job that is RUNNING and training (a signal to a pending job is lost), as Slurm
@@ -259,6 +275,7 @@ def test_preempted_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_d
     step = int(preempted[0])
     assert 8 <= step < total  # stopped while training, not at the end
     assert resumed[0][0].endswith(f"slurm-{job}/checkpoints/step_{step:06d}") and resumed[0][1] == str(step)
+    assert f"requeued Slurm job {job}" in text  # the array task, not the whole array
     assert f"job {job} (restart 1)" in text  # the same log file, appended to, and the same run directory
 
     m = metrics(run_dir)
