@@ -43,6 +43,9 @@ class TrainConfig:
     num_workers: int = _opt(2, "DataLoader worker processes for the torchvision pipeline (the device "
                             "pipeline indexes an in-memory tensor and needs none)")
     image_size: int = _opt(224, "side in pixels after resizing the 28x28 images (>= 64)")
+    augment: bool = _opt(False, "random crop (2-pixel zero padding) and horizontal flip of the training "
+                         "images, as batch ops on the device; each sample's choice is fixed by (seed, epoch, "
+                         "sample index); device pipeline only")
     # --- model ---
     model_width: float = _opt(1.0, "fraction of AlexNet's channel and hidden widths; 1.0 is the real "
                               "58,299,082-parameter model, smaller values make quick test models")
@@ -55,6 +58,14 @@ class TrainConfig:
     mixed_precision: str | None = _opt(None, "no, fp16 (CUDA only) or bf16; unset = the accelerate launch "
                                        "config's choice, else no", choices=("no", "fp16", "bf16"))
     seed: int = _opt(0, "seed for data order, weights and dropout")
+    # --- speed (channels_last, fused Adam and cudnn.benchmark are always on with CUDA) ---
+    compile: bool = _opt(False, "torch.compile the model; the first steps are slow while it compiles")
+    ddp_bucket_mb: int = _opt(25, "DDP gradient bucket size in MB (PyTorch's default); a layer bigger than a "
+                              "bucket gets one of its own, as AlexNet's 151 and 67 MB linear layers do")
+    ddp_gradient_as_bucket_view: bool = _opt(True, "gradients live in DDP's all-reduce buckets: saves one "
+                                             "gradient-sized copy per step and its memory (233 MB for AlexNet)")
+    ddp_comm_hook: str = _opt("none", "compress gradients to bf16 or fp16 for the all-reduce (half the bytes "
+                              "sent, then back to fp32); none sends fp32", choices=("none", "bf16", "fp16"))
     # --- run directory, checkpoints, logging ---
     output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>")
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, or a "
@@ -93,6 +104,9 @@ class TrainConfig:
         need(0 < self.model_width <= 4, f"--model-width must be in (0, 4] (got {self.model_width})")
         need(self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 so a previous checkpoint survives "
                                          f"while a new one is written (got {self.keep_checkpoints})")
+        need(self.ddp_bucket_mb >= 1, f"--ddp-bucket-mb must be >= 1 (got {self.ddp_bucket_mb})")
+        need(not (self.augment and self.pipeline != "device"),
+             "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")
         need(self.resume in ("auto", "none") or bool(self.resume),
              "--resume must be auto, none or a checkpoint directory")
         if self.mixed_precision == "fp16" and not _cuda_usable():

@@ -10,6 +10,7 @@ The tutorial's pipeline (PIL Resize + ToTensor per image in DataLoader workers) 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from dist_alexnet.augment import crop_flip
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -305,10 +308,43 @@ def make_loader(split: Split, cfg, train: bool) -> tuple[DataLoader, EpochOrder]
 
 def to_model_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """Device pipeline: uint8 [B, 28, 28] -> normalized float [B, 1, S, S], as batched tensor ops.
-    Batches from the torchvision pipeline are already float [B, 1, S, S] and pass through."""
+    Batches from the torchvision pipeline are already float [B, 1, S, S] and pass through.
+
+    The result is bilinear interpolation (align_corners=False, edges clamped, as F.interpolate and PIL
+    compute it) of the normalized image. Normalizing first is exact (each output pixel is a weighted mean
+    of input pixels) and touches 64 times fewer pixels at 224. The resize is two small matrix products
+    (rows, then columns): on a CPU about five times faster than F.interpolate for one-channel images,
+    and on a GPU two cheap batched GEMMs."""
     if images.dtype != torch.uint8:
         return images
-    x = images.unsqueeze(1).float().div_(255)
-    if x.shape[-1] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x.sub_(MEAN).div_(STD)
+    x = images.float().mul_(1 / (255 * STD)).sub_(MEAN / STD)  # [B, 28, 28]
+    height, width = x.shape[-2:]
+    if (height, width) != (image_size, image_size):
+        x = torch.matmul(_resize_matrix(height, image_size, x.device), x)  # [B, S, 28]
+        x = torch.matmul(x, _resize_matrix(width, image_size, x.device).T)  # [B, S, S]
+    return x.unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """[size_out, size_in] weights of 1-D bilinear interpolation with align_corners=False: output pixel i
+    samples the input at (i + 0.5) * size_in / size_out - 0.5, clamped to the image, from its two neighbours."""
+    position = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * size_in / size_out - 0.5).clamp(min=0)
+    left = position.floor().long().clamp(max=size_in - 1)
+    right = (left + 1).clamp(max=size_in - 1)
+    weight_right = position - left
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    matrix.index_put_((rows, left), 1 - weight_right, accumulate=True)
+    matrix.index_put_((rows, right), weight_right, accumulate=True)
+    return matrix.float().to(device)
+
+
+def training_input(batch, cfg, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch from the loader -> (model input, labels), on the batch's device: with
+    cfg.augment, crop_flip on the uint8 images (per-sample choices fixed by seed, epoch and sample
+    index), then to_model_input."""
+    images, labels, indices = batch
+    if cfg.augment:
+        images = crop_flip(images, indices, cfg.seed, epoch)
+    return to_model_input(images, cfg.image_size), labels

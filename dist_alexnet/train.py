@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DDPCommunicationHookType, DistributedDataParallelKwargs,
+                               broadcast_object_list, gather_object, set_seed)
 
 from dist_alexnet.checkpoint import (CheckpointError, PreemptionFlag, check_compatible, find_resume_checkpoint,
                                      list_checkpoints, requeue_slurm_job, save_checkpoint)
 from dist_alexnet.config import ConfigError, TrainConfig, resolve_mixed_precision, save_yaml
-from dist_alexnet.data import load_data, make_loader, to_model_input
+from dist_alexnet.data import load_data, make_loader, to_model_input, training_input
 from dist_alexnet.model import AlexNet
 
 
@@ -40,6 +41,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # Data order comes from EpochOrder (seed, epoch): Accelerate need not re-sync any RNG per epoch.
         rng_types=[],
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=cfg.ddp_gradient_as_bucket_view,
+            comm_hook=DDPCommunicationHookType({"none": "no"}.get(cfg.ddp_comm_hook, cfg.ddp_comm_hook)))],
     )
     if accelerator.num_processes != launched:
         raise ConfigError(f"the launcher started {launched} processes but they did not join one job "
@@ -60,6 +64,53 @@ def resolve_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
 
 def build_model(cfg: TrainConfig) -> AlexNet:
     return AlexNet(num_classes=10, in_channels=1, width=cfg.model_width)
+
+
+def make_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[AlexNet, torch.optim.Optimizer]:
+    """The model on `device` and its Adam optimizer, with the fast paths of CUDA switched on."""
+    model = build_model(cfg)
+    fast = {}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN time its algorithms once per shape
+        # NHWC activations let cuDNN use its fastest tensor-core convolutions (the 1-channel input needs no change).
+        model = model.to(device, memory_format=torch.channels_last)
+        fast["fused"] = True  # Adam for all parameters in one kernel; also spares fp16 a host-side overflow check
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **fast)
+    if cfg.compile:
+        model.compile()  # in place: state_dict keys, checkpoints and DDP wrapping stay as without it
+    return model, optimizer
+
+
+def train_step(model, optimizer, accelerator: Accelerator, batch, cfg: TrainConfig, epoch: int, sums: torch.Tensor,
+               nonfinite: torch.Tensor, stop_requested: bool = False, poison: bool = False) -> list | None:
+    """One micro-batch: input transform (and augmentation) on the device, forward, backward; on the
+    micro-batch that completes an optimizer step, the stop check, then the update. Adds loss x samples,
+    correct and samples to `sums` and non-finite losses to `nonfinite`, on the device.
+
+    The stop check is the loop's one host-device sync per optimizer step: each rank's [non-finite losses
+    since the last step, stop requested] gathered to every rank. It is returned as a list of [bad, stop]
+    pairs, one per rank (None between optimizer steps); if any rank saw a non-finite loss the update is
+    not applied. `poison` makes this micro-batch's loss NaN (a test hook)."""
+    inputs, labels = training_input(batch, cfg, epoch)
+    flags = None
+    with accelerator.accumulate(model):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels)
+        if poison:
+            loss = loss * float("nan")
+        nonfinite += ~torch.isfinite(loss.detach())
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            local = torch.stack([nonfinite.float(), torch.full_like(nonfinite, float(stop_requested))])
+            flags = accelerator.gather(local.reshape(1, 2)).tolist()
+            nonfinite.zero_()
+        if not (flags and any(bad for bad, _ in flags)):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    loss = loss.detach().float()
+    count = torch.full_like(loss, len(labels))  # made on the device: torch.tensor(n, device=...) would sync
+    sums += torch.stack([loss * count, (logits.detach().argmax(1) == labels).sum().float(), count])
+    return flags
 
 
 @torch.no_grad()
@@ -178,8 +229,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- model and optimizer: same initial weights on every rank
     set_seed(cfg.seed)
-    model = build_model(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model, optimizer = make_model_and_optimizer(cfg, accelerator.device)
 
     # --- resume: every rank reads the same checkpoint files and so makes the same choice
     signature = {"model_width": cfg.model_width, "dataset": cfg.dataset,
@@ -229,6 +279,10 @@ def train(cfg: TrainConfig) -> dict:
         progress.log(f"resumed from {resumed['path']} at step {step} (epoch {epoch + 1}, sample {position} "
                      f"of {len(train_split)})")
     del resumed  # its tensors are loaded; free the memory
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # the DDP options as the wrapper took them
+        progress.log(f"DDP: gradient buckets of {model.bucket_bytes_cap / 2**20:g} MB, gradient_as_bucket_view "
+                     f"{model.gradient_as_bucket_view}, gradients all-reduced in "
+                     f"{'fp32' if cfg.ddp_comm_hook == 'none' else cfg.ddp_comm_hook}")
 
     def save(results: dict | None = None) -> Path:
         """Checkpoint the current step. Called on every rank: RNG states are gathered to rank 0, which
@@ -260,7 +314,7 @@ def train(cfg: TrainConfig) -> dict:
         return detail
 
     # --- the loop
-    train_seconds, train_images = 0.0, 0
+    train_seconds, train_images, epoch_seconds = 0.0, 0, []
     # Running sums stay on the device; they are read (one sync) only when logging.
     sums = torch.tensor(pending if master else [0.0, 0.0, 0.0], device=accelerator.device)  # loss x n, correct, n
     nonfinite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last optimizer step
@@ -274,39 +328,25 @@ def train(cfg: TrainConfig) -> dict:
             train_order.set_position(epoch, position)
             epoch_start = time.perf_counter()
             stop_signal = False
-            for images, labels, indices in train_loader:
+            for batch in train_loader:
                 if sample_log:
-                    sample_log.write("".join(f"{epoch} {i}\n" for i in indices.tolist()))
-                with accelerator.accumulate(model):
-                    logits = model(to_model_input(images, cfg.image_size))
-                    loss = F.cross_entropy(logits, labels)
-                    if nan_step == step + 1:
-                        loss = loss * float("nan")
-                    nonfinite += ~torch.isfinite(loss.detach())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # The one per-step sync: every rank learns whether any rank saw a non-finite loss
-                        # (then nobody applies the step) or got a preemption signal (then all stop here).
-                        flags = torch.stack([nonfinite.float(), torch.tensor(float(bool(preemption.received)),
-                                                                             device=nonfinite.device)])
-                        all_flags = accelerator.gather(flags.reshape(1, 2)).tolist()
-                        bad_ranks = [rank for rank, (bad, _) in enumerate(all_flags) if bad]
-                        if bad_ranks:
-                            checkpoints = list_checkpoints(run_dir)
-                            raise TrainingDiverged(
-                                f"the loss became NaN/inf at step {step + 1} on rank(s) "
-                                f"{', '.join(map(str, bad_ranks))}; the step was not applied. The learning rate "
-                                f"(--lr {cfg.lr:g}) is likely too high for Adam. Last good checkpoint: "
-                                f"{checkpoints[-1] if checkpoints else 'none yet'}; resume from it with a lower --lr")
-                        stop_signal = any(sig for _, sig in all_flags)
-                        nonfinite.zero_()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    sample_log.write("".join(f"{epoch} {i}\n" for i in batch[2].tolist()))
+                # On the micro-batch that completes a step, every rank learns whether any rank saw a
+                # non-finite loss (then nobody applies the step) or got a preemption signal (then all stop here).
+                all_flags = train_step(model, optimizer, accelerator, batch, cfg, epoch, sums, nonfinite,
+                                       stop_requested=bool(preemption.received), poison=nan_step == step + 1)
+                if all_flags:
+                    bad_ranks = [rank for rank, (bad, _) in enumerate(all_flags) if bad]
+                    if bad_ranks:
+                        checkpoints = list_checkpoints(run_dir)
+                        raise TrainingDiverged(
+                            f"the loss became NaN/inf at step {step + 1} on rank(s) "
+                            f"{', '.join(map(str, bad_ranks))}; the step was not applied. The learning rate "
+                            f"(--lr {cfg.lr:g}) is likely too high for Adam. Last good checkpoint: "
+                            f"{checkpoints[-1] if checkpoints else 'none yet'}; resume from it with a lower --lr")
+                    stop_signal = any(sig for _, sig in all_flags)
                 train_images += global_batch
                 position += global_batch
-                sums += torch.stack([loss.detach().float() * len(labels),
-                                     (logits.detach().argmax(1) == labels).sum().float(),
-                                     torch.tensor(float(len(labels)), device=sums.device)])
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -326,7 +366,8 @@ def train(cfg: TrainConfig) -> dict:
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not epoch_ends:
                     save()
-            train_seconds += time.perf_counter() - epoch_start
+            epoch_seconds.append(time.perf_counter() - epoch_start)  # an epoch, or the part this run trained
+            train_seconds += epoch_seconds[-1]
 
             if stop_signal:
                 path = save()
@@ -374,6 +415,7 @@ def train(cfg: TrainConfig) -> dict:
         "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": accelerator.mixed_precision,
         "train_images_per_sec": train_images / train_seconds if train_seconds else 0.0,
+        "epoch_seconds": epoch_seconds,
         "wall_seconds": time.perf_counter() - started,
         "param_checksums": checksums,
     }
