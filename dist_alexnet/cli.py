@@ -23,6 +23,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     train.set_defaults(run=run_train)
+
+    bench = commands.add_parser("benchmark", help="measure the model step, the trainer step with each input "
+                                "pipeline and the pipelines alone, side by side (images/s, MFU)")
+    bench.add_argument("--image-size", type=int, default=224, help="side after resizing (default: 224)")
+    bench.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    bench.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="default: the accelerate launch config's choice, else no")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: CUDA when available (default: auto)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the model (compiling is warm-up)")
+    bench.add_argument("--augment", action="store_true", help="augment in the device pipeline, as train --augment")
+    bench.add_argument("--steps", type=int, default=10, help="steps per timed window (default: 10)")
+    bench.add_argument("--windows", type=int, default=5, help="timed windows; figures are medians (default: 5)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first, per measurement (default: 3)")
+    bench.add_argument("--peak-tflops", type=float, default=None,
+                       help="the device's peak TFLOP/s for MFU (default: from a table of known GPUs)")
+    bench.add_argument("--num-workers", type=int, default=2,
+                       help="DataLoader workers of the torchvision pipeline (default: 2)")
+    bench.add_argument("--model-width", type=float, default=1.0, help="fraction of AlexNet's widths (default: 1.0)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random images and weights (default: 0)")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as one JSON object")
+    bench.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
+    bench.set_defaults(run=run_benchmark)
     return parser
 
 
@@ -35,6 +58,12 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"dist-alexnet: error: {err}", file=sys.stderr)
         return 3
     return 0  # also after a preemption: the checkpoint is saved and the job (re)queued
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from dist_alexnet.benchmark import main as benchmark  # imports torch/accelerate: keep `--help` fast
+
+    return benchmark(args)
 
 
 def main(argv: list[str] | None = None) -> int:

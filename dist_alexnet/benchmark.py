@@ -1,0 +1,365 @@
+"""`dist-alexnet benchmark`: where the time goes, measured side by side in one process.
+
+  (a) model                the training step alone (forward, backward, Adam) on one batch made once on
+                           the device: the ceiling for this model on this hardware
+  (b) trainer              the trainer's own step (train.train_step, with its per-step stop check) fed by
+                           the trainer's loader with the device pipeline: uint8 batches, resize /
+                           normalize (/ augment) on the device
+  (c) torchvision_trainer  the same step fed by the tutorial's pipeline (PIL Resize + ToTensor per image
+                           in --num-workers DataLoader workers)
+  (d) the two input pipelines alone: batches delivered to the device, ready for the model
+
+All five share one Accelerator, one model and one optimizer, set up by the trainer's own functions.
+Each first runs --warmup untimed steps (torch.compile, cuDNN autotuning, worker start-up). Then, in each
+of --windows rounds, every measurement runs --steps timed steps, one after the other, so that load from
+elsewhere on the machine falls on all of them alike; a figure is the median over its windows. On CUDA a
+window starts and ends with a synchronize. Before a torchvision window the batches its workers prepared
+while the other measurements ran are taken off untimed, so the window sees the pipeline's sustained rate.
+The images are random: throughput does not depend on what they show.
+
+FLOPs per image come from the model's layer shapes (forward_macs); a training step counts 3 forward
+passes (backward about twice the forward). MFU = achieved FLOP/s / the device's dense peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_alexnet.config import ConfigError, TrainConfig
+
+NUM_IMAGES = 60_000  # the size of Fashion-MNIST's training set
+PREFETCH_FACTOR = 2  # batches each DataLoader worker prepares ahead (PyTorch's default)
+
+# Dense (no sparsity) tensor-core peak in TFLOP/s: (bf16 and fp16, tf32 for fp32 runs, since cuDNN uses TF32
+# for fp32 convolutions by default). From the vendors' data sheets; the first name found in the device name wins.
+PEAK_TFLOPS = {
+    "H200": (989.0, 494.0),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+}
+
+KINDS = {  # key in the JSON -> label in the table
+    "model": "(a) model step alone, batch made once on the device",
+    "trainer": "(b) trainer step, device pipeline",
+    "torchvision_trainer": "(c) trainer step, torchvision pipeline",
+    "device_pipeline": "(d) device pipeline alone",
+    "torchvision_pipeline": "(d) torchvision pipeline alone",
+}
+
+
+def forward_macs(model: nn.Module, image_size: int, in_channels: int = 1) -> int:
+    """Multiply-accumulates of one image's forward pass, summed over every Conv2d and Linear from the
+    shapes they produce (output elements x multiplies per output element). Run it on a model made on the
+    meta device to get shapes without computing anything."""
+    macs = 0
+
+    def count(module, inputs, output):
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            kernel_h, kernel_w = module.kernel_size
+            macs += output.numel() * (module.in_channels // module.groups) * kernel_h * kernel_w
+        elif isinstance(module, nn.Linear):
+            macs += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return macs
+
+
+def model_forward_macs(model_width: float, image_size: int) -> int:
+    """forward_macs of the trainer's model (built by train.build_model) at this width and image size."""
+    from dist_alexnet.train import build_model
+
+    with torch.device("meta"):
+        model = build_model(TrainConfig(model_width=model_width))
+    return forward_macs(model, image_size)
+
+
+def peak_tflops(device: torch.device, mixed_precision: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where it came from) for a CUDA device in the table, else (None, why not)."""
+    if device.type != "cuda":
+        return None, f"no peak known for {device.type}; pass --peak-tflops"
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return (tf32 if mixed_precision == "no" else half), f"table: {key}"
+    return None, f"{name} is not in the table; pass --peak-tflops"
+
+
+def endless(loader, order):
+    """(epoch, batch) forever, epoch after epoch, as the training loop walks the loader."""
+    epoch = 0
+    while True:
+        order.set_position(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def model_step(model, optimizer, accelerator, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """The training step and nothing else: forward, loss, backward, Adam."""
+    loss = F.cross_entropy(model(inputs), labels)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_benchmark(cfg: TrainConfig, steps: int = 10, windows: int = 5, warmup: int = 3,
+                  peak: float | None = None) -> dict:
+    """Measure (a)-(d) for cfg's image size, batch size, precision, model width, compile and augment, on
+    the device Accelerate picks (CUDA when available, unless ACCELERATE_USE_CPU=1)."""
+    from dist_alexnet.data import Split, make_loader, to_model_input, training_input
+    from dist_alexnet.train import make_accelerator, make_model_and_optimizer, train_step
+
+    accelerator = make_accelerator(cfg)
+    dev = accelerator.device
+    cuda = dev.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    split = Split(torch.randint(0, 256, (NUM_IMAGES, 28, 28), dtype=torch.uint8, generator=generator),
+                  torch.randint(0, 10, (NUM_IMAGES,), generator=generator))
+    device_cfg = dataclasses.replace(cfg, pipeline="device")
+    torchvision_cfg = dataclasses.replace(cfg, pipeline="torchvision", augment=False)
+    device_loader, device_order = make_loader(split, device_cfg, train=True)
+    torchvision_loader, torchvision_order = make_loader(split, torchvision_cfg, train=True)
+
+    torch.manual_seed(cfg.seed)
+    model, optimizer = make_model_and_optimizer(cfg, dev)
+    model, optimizer, device_loader, torchvision_loader = accelerator.prepare(
+        model, optimizer, device_loader, torchvision_loader)
+    device_batches = endless(device_loader, device_order)
+    torchvision_batches = endless(torchvision_loader, torchvision_order)
+    fixed_inputs = to_model_input(split.images[:cfg.batch_size].to(dev), cfg.image_size)
+    fixed_labels = split.labels[:cfg.batch_size].to(dev)
+    sums, nonfinite = torch.zeros(3, device=dev), torch.zeros((), device=dev)
+
+    def device_pipeline():
+        epoch, batch = next(device_batches)
+        training_input(batch, device_cfg, epoch)
+
+    def torchvision_pipeline():
+        epoch, batch = next(torchvision_batches)
+        training_input(batch, torchvision_cfg, epoch)
+
+    def trainer(batches, step_cfg):
+        def step():
+            epoch, batch = next(batches)
+            train_step(model, optimizer, accelerator, batch, step_cfg, epoch, sums, nonfinite)
+        return step
+
+    measurements = {
+        "model": lambda: model_step(model, optimizer, accelerator, fixed_inputs, fixed_labels),
+        "trainer": trainer(device_batches, device_cfg),
+        "torchvision_trainer": trainer(torchvision_batches, torchvision_cfg),
+        "device_pipeline": device_pipeline,
+        "torchvision_pipeline": torchvision_pipeline,
+    }
+    prepared_ahead = cfg.num_workers * PREFETCH_FACTOR
+
+    for name, step in measurements.items():
+        for _ in range(warmup):
+            step()
+    sync()
+
+    rates = {name: [] for name in measurements}
+    peak_bytes = {name: 0 for name in measurements}
+    for _ in range(windows):
+        for name, step in measurements.items():
+            if name.startswith("torchvision"):
+                for _ in range(prepared_ahead):
+                    next(torchvision_batches)
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            rates[name].append(steps * cfg.batch_size / (time.perf_counter() - start))
+            if cuda:
+                peak_bytes[name] = max(peak_bytes[name], torch.cuda.max_memory_allocated(dev))
+
+    host_syncs = count_host_syncs(measurements["trainer"], steps) if cuda else None
+    speed = {name: statistics.median(values) for name, values in rates.items()}
+    macs = model_forward_macs(cfg.model_width, cfg.image_size)
+    flops = 3 * 2 * macs  # a training step: the forward pass, and a backward pass of about twice its cost
+    peak_source = "--peak-tflops"
+    if peak is None:
+        peak, peak_source = peak_tflops(dev, accelerator.mixed_precision)
+    pipeline_cores = {"device": 1 if cuda else torch.get_num_threads(), "torchvision": max(1, cfg.num_workers)}
+    pipeline_speedup = speed["device_pipeline"] / speed["torchvision_pipeline"]
+    return {
+        "device": dev.type,
+        "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "torch_version": torch.__version__,
+        "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size,
+        "mixed_precision": accelerator.mixed_precision,
+        "compile": cfg.compile,
+        "augment": cfg.augment,
+        "model_width": cfg.model_width,
+        "steps": steps,
+        "windows": windows,
+        "warmup": warmup,
+        "cpu_threads": torch.get_num_threads(),
+        "torchvision_workers": cfg.num_workers,
+        "model_images_per_sec": speed["model"],
+        "trainer_images_per_sec": speed["trainer"],
+        "torchvision_trainer_images_per_sec": speed["torchvision_trainer"],
+        "device_pipeline_images_per_sec": speed["device_pipeline"],
+        "torchvision_pipeline_images_per_sec": speed["torchvision_pipeline"],
+        "trainer_over_model": speed["trainer"] / speed["model"],
+        "torchvision_trainer_over_model": speed["torchvision_trainer"] / speed["model"],
+        "pipeline_speedup": pipeline_speedup,
+        # each pipeline's rate per CPU core it used: torch's threads (device pipeline on a CPU) or the
+        # main thread (on a GPU), against the torchvision workers
+        "pipeline_speedup_per_core": pipeline_speedup * pipeline_cores["torchvision"] / pipeline_cores["device"],
+        "pipeline_cores": pipeline_cores,
+        "forward_macs_per_image": macs,
+        "train_flops_per_image": flops,
+        "trainer_tflops": speed["trainer"] * flops / 1e12,
+        "model_tflops": speed["model"] * flops / 1e12,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "mfu": speed["trainer"] * flops / 1e12 / peak if peak else None,
+        "model_mfu": speed["model"] * flops / 1e12 / peak if peak else None,
+        # the most memory allocated during a step, in GiB: weights, gradients and Adam state included
+        "peak_memory_gib": {name: peak_bytes[name] / 2**30 for name in ("model", "trainer", "torchvision_trainer")}
+        if cuda else None,
+        "host_syncs_per_trainer_step": host_syncs / steps if host_syncs is not None else None,
+        "windows_images_per_sec": rates,
+    }
+
+
+def count_host_syncs(step, steps: int) -> int:
+    """How many times `steps` calls of `step` made the host wait for the GPU (CUDA's sync debug mode)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def format_table(r: dict) -> str:
+    """The benchmark's result as the table it prints."""
+    threads = f"{r['cpu_threads']} CPU threads"
+    lines = [
+        f"dist-alexnet benchmark | {r['device_name']} ({threads}), torch {r['torch_version']} | image {r['image_size']}, "
+        f"batch {r['batch_size']}, mixed precision {r['mixed_precision']}, compile {'on' if r['compile'] else 'off'}, "
+        f"augment {'on' if r['augment'] else 'off'}, model width {r['model_width']} | median of {r['windows']} "
+        f"windows x {r['steps']} steps after {r['warmup']} warm-up steps",
+        f"{'measurement':<55}{'images/s':>12}{'/ (a)':>8}{'peak GiB':>10}",
+    ]
+    memory = r["peak_memory_gib"] or {}
+    for key, label in KINDS.items():
+        rate = r[f"{key}_images_per_sec"]
+        ratio = f"{rate / r['model_images_per_sec']:.3f}" if key.endswith(("model", "trainer")) else ""
+        gib = f"{memory[key]:.2f}" if key in memory else ""
+        lines.append(f"{label:<55}{rate:>12,.1f}{ratio:>8}{gib:>10}")
+    cores = r["pipeline_cores"]
+    lines.append(f"trainer_over_model (b/a) {r['trainer_over_model']:.3f} | torchvision_trainer_over_model (c/a) "
+                 f"{r['torchvision_trainer_over_model']:.3f} | pipeline_speedup (d device / d torchvision) "
+                 f"{r['pipeline_speedup']:.2f}x, per CPU core {r['pipeline_speedup_per_core']:.2f}x "
+                 f"({cores['device']} vs {cores['torchvision']})")
+    mfu = (f"MFU {r['mfu']:.1%} (model alone {r['model_mfu']:.1%}) of {r['peak_tflops']:g} TFLOP/s "
+           f"({r['peak_source']})" if r["mfu"] is not None else f"MFU n/a ({r['peak_source']})")
+    lines.append(f"training FLOPs per image {r['train_flops_per_image'] / 1e9:.3f} G (forward "
+                 f"{r['forward_macs_per_image'] / 1e9:.4f} GMAC x 2 x 3) | trainer {r['trainer_tflops']:.3f} "
+                 f"TFLOP/s | {mfu}")
+    if r["host_syncs_per_trainer_step"] is not None:
+        lines.append(f"host-device syncs per trainer step: {r['host_syncs_per_trainer_step']:g}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """The `dist-alexnet benchmark` subcommand (flags in cli.py)."""
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # Accelerate (and the fp16 check) then use the CPU even with a GPU
+    problems = []
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no usable CUDA GPU here; use --device cpu or auto")
+    problems += [f"--{name} must be >= {low} (got {getattr(args, name)})"
+                for name, low in (("steps", 1), ("windows", 1), ("warmup", 0)) if getattr(args, name) < low]
+    if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
+        problems.append(f"--peak-tflops must be a positive number (got {args.peak_tflops})")
+    try:
+        cfg = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, mixed_precision=args.mixed_precision,
+                          compile=args.compile, augment=args.augment, model_width=args.model_width,
+                          num_workers=args.num_workers, seed=args.seed).validate()
+    except ConfigError as err:
+        problems += str(err).splitlines()
+    if problems:
+        raise ConfigError("\n".join(problems))
+    result = run_benchmark(cfg, steps=args.steps, windows=args.windows, warmup=args.warmup, peak=args.peak_tflops)
+    print(format_table(result), flush=True)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def write_gpu_check_summary(folder: str | os.PathLike) -> dict:
+    """Write <folder>/summary.json for launch/gpu_check.sh: each benchmark's main figures, the training
+    run's epoch times, and each speed target of one H200 with the value measured and whether it is met."""
+    folder = Path(folder)
+    benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("benchmark-*.json"))}
+    train_file = folder / "train-metrics.json"
+    train = json.loads(train_file.read_text()) if train_file.exists() else {}
+    figures = ("trainer_images_per_sec", "model_images_per_sec", "trainer_over_model",
+               "torchvision_trainer_over_model", "pipeline_speedup", "mfu", "peak_memory_gib",
+               "host_syncs_per_trainer_step")
+    largest_batch = max((r["batch_size"] for r in benchmarks.values()), default=None)
+    best = max((r for r in benchmarks.values() if r["batch_size"] == largest_batch),
+               key=lambda r: r["trainer_images_per_sec"], default={})
+    epochs = train.get("epoch_seconds", [])
+
+    def target(value, met) -> dict:
+        return {"value": value, "met": value is not None and met(value)}
+
+    summary = {
+        "device_name": best.get("device_name"),
+        "benchmarks": {name: {key: r[key] for key in figures} for name, r in benchmarks.items()},
+        "train": {key: train.get(key) for key in ("world_size", "epoch_seconds", "train_images_per_sec",
+                                                  "test_acc", "mixed_precision")},
+        "targets": {  # for one H200 at bf16; the largest batch is 512 on a GPU
+            "trainer images/s >= 40000 at the largest batch": target(
+                best.get("trainer_images_per_sec"), lambda v: v >= 40_000),
+            "trainer_over_model >= 0.9 at the largest batch": target(
+                best.get("trainer_over_model"), lambda v: v >= 0.9),
+            "slowest epoch after the first <= 1.5 s": target(
+                max(epochs[1:]) if len(epochs) > 1 else None, lambda v: v <= 1.5),
+            "host-device syncs per trainer step == 0": target(
+                best.get("host_syncs_per_trainer_step"), lambda v: v == 0),
+        },
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary["targets"], indent=2))
+    return summary
