@@ -6,8 +6,6 @@ import math
 import os
 import subprocess
 
-import torch
-
 from dist_alexnet.benchmark import forward_macs, model_forward_macs
 from dist_alexnet.cli import main
 from dist_alexnet.model import AlexNet
