@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from dist_alexnet import __version__
 from dist_alexnet.checkpoint import CheckpointError
 from dist_alexnet.config import ConfigError, add_arguments, config_from_args
 from dist_alexnet.data import DataError
+from dist_alexnet.report import ReportError
 
 # Errors that come from what the user handed us: one clear line and exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ReportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="also write the results as one JSON object")
     bench.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     bench.set_defaults(run=run_benchmark)
+
+    report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
+    report.set_defaults(run=run_report)
     return parser
 
 
@@ -57,6 +63,12 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"dist-alexnet: error: {err}", file=sys.stderr)
         return 3
+    finally:
+        # Free the DDP model while the interpreter is fully alive: it keeps the gloo process group and its
+        # worker threads alive past destroy_process_group, and destroying them at interpreter shutdown can
+        # abort the process ("terminate called without an active exception"), more often when a rank
+        # finishes earlier than the others.
+        gc.collect()
     return 0  # also after a preemption: the checkpoint is saved and the job (re)queued
 
 
@@ -64,6 +76,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from dist_alexnet.benchmark import main as benchmark  # imports torch/accelerate: keep `--help` fast
 
     return benchmark(args)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from dist_alexnet.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ from dist_alexnet.checkpoint import (CheckpointError, PreemptionFlag, check_comp
 from dist_alexnet.config import ConfigError, TrainConfig, resolve_mixed_precision, save_yaml
 from dist_alexnet.data import load_data, make_loader, to_model_input, training_input
 from dist_alexnet.model import AlexNet
+from dist_alexnet.monitor import StepStats, make_monitor
+from dist_alexnet.report import write_report
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -118,12 +120,12 @@ def evaluate(model, loader, accelerator: Accelerator, image_size: int) -> dict:
     """Exact evaluation: every sample counted once whatever the world size. gather_for_metrics drops
     the duplicates Accelerate pads the last batch with, so counts equal the test-set size."""
     model.eval()
-    losses, predictions, labels = [], [], []
-    for images, targets, _ in loader:
+    losses, predictions, labels, indices = [], [], [], []
+    for images, targets, index in loader:
         logits = model(to_model_input(images, image_size)).float()
         loss = F.cross_entropy(logits, targets, reduction="none")
-        loss, pred, targets = accelerator.gather_for_metrics((loss, logits.argmax(1), targets))
-        losses.append(loss), predictions.append(pred), labels.append(targets)
+        loss, pred, targets, index = accelerator.gather_for_metrics((loss, logits.argmax(1), targets, index))
+        losses.append(loss), predictions.append(pred), labels.append(targets), indices.append(index)
     model.train()
     losses, predictions, labels = torch.cat(losses), torch.cat(predictions), torch.cat(labels)
     correct = int((predictions == labels).sum())
@@ -134,6 +136,7 @@ def evaluate(model, loader, accelerator: Accelerator, image_size: int) -> dict:
         "test_samples": len(labels),
         "predictions": predictions.cpu(),
         "labels": labels.cpu(),
+        "indices": torch.cat(indices).cpu(),  # position of each sample in the test split
     }
 
 
@@ -272,6 +275,7 @@ def train(cfg: TrainConfig) -> dict:
     # interrupted run logged after its checkpoint, so no step appears twice.
     accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": step + 1}} if resumed else {})
     progress = Progress(master, total=total_steps, initial=step)
+    monitor = make_monitor(accelerator, cfg, run_dir, model, optimizer, total_steps, log=progress.log)
     progress.log(f"run directory {run_dir} | {world} process(es), {accelerator.distributed_type.value}, "
                  f"mixed precision {accelerator.mixed_precision} | {len(train_split)} train / "
                  f"{len(test_split)} test samples, global batch {global_batch}, {total_steps} steps")
@@ -288,7 +292,7 @@ def train(cfg: TrainConfig) -> dict:
         """Checkpoint the current step. Called on every rank: RNG states are gathered to rank 0, which
         writes; a failure there is broadcast so that every rank stops with the same error."""
         rng_states = gather_object([rng_state()])
-        sums_now = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+        sums_now = stats.pending()
         outcome = [None]
         if master:
             files = {"model.safetensors": accelerator.unwrap_model(model).state_dict(),
@@ -316,7 +320,7 @@ def train(cfg: TrainConfig) -> dict:
     # --- the loop
     train_seconds, train_images, epoch_seconds = 0.0, 0, []
     # Running sums stay on the device; they are read (one sync) only when logging.
-    sums = torch.tensor(pending if master else [0.0, 0.0, 0.0], device=accelerator.device)  # loss x n, correct, n
+    stats = StepStats(accelerator, start_step=step, pending=pending if master else None)
     nonfinite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last optimizer step
     last_train_loss = float("nan")
     results = {}
@@ -326,24 +330,27 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while step < total_steps:
             train_order.set_position(epoch, position)
-            epoch_start = time.perf_counter()
+            stats.start_epoch()
             stop_signal = False
-            for batch in train_loader:
+            for batch in stats.timed(train_loader):
                 if sample_log:
                     sample_log.write("".join(f"{epoch} {i}\n" for i in batch[2].tolist()))
                 # On the micro-batch that completes a step, every rank learns whether any rank saw a
                 # non-finite loss (then nobody applies the step) or got a preemption signal (then all stop here).
-                all_flags = train_step(model, optimizer, accelerator, batch, cfg, epoch, sums, nonfinite,
+                monitor.before_step(step + 1, batch, epoch)
+                all_flags = train_step(model, optimizer, accelerator, batch, cfg, epoch, stats.sums, nonfinite,
                                        stop_requested=bool(preemption.received), poison=nan_step == step + 1)
                 if all_flags:
                     bad_ranks = [rank for rank, (bad, _) in enumerate(all_flags) if bad]
                     if bad_ranks:
                         checkpoints = list_checkpoints(run_dir)
-                        raise TrainingDiverged(
+                        diverged = TrainingDiverged(
                             f"the loss became NaN/inf at step {step + 1} on rank(s) "
                             f"{', '.join(map(str, bad_ranks))}; the step was not applied. The learning rate "
                             f"(--lr {cfg.lr:g}) is likely too high for Adam. Last good checkpoint: "
                             f"{checkpoints[-1] if checkpoints else 'none yet'}; resume from it with a lower --lr")
+                        monitor.diverged(str(diverged), step + 1)
+                        raise diverged
                     stop_signal = any(sig for _, sig in all_flags)
                 train_images += global_batch
                 position += global_batch
@@ -354,19 +361,18 @@ def train(cfg: TrainConfig) -> dict:
                 last_step = step == total_steps
                 epoch_ends = len(train_split) - position < global_batch
                 if step % cfg.log_every == 0 or last_step:
-                    loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
-                    sums.zero_()
-                    last_train_loss = loss_sum / count
-                    accelerator.log({"train/loss": last_train_loss, "train/acc": correct / count}, step=step)
-                    progress.show(loss=f"{last_train_loss:.4f}", acc=f"{correct / count:.3f}")
+                    values = stats.collect(step)  # every rank: global over all ranks
+                    monitor.log_train(step, epoch, values)
+                    last_train_loss, train_acc = values["train/loss"], values["train/acc"]
+                    progress.show(loss=f"{last_train_loss:.4f}", acc=f"{train_acc:.3f}")
                     if not progress.bar:
                         progress.log(f"epoch {epoch + 1} step {step}/{total_steps} | loss {last_train_loss:.4f} "
-                                     f"acc {correct / count:.4f}")
+                                     f"acc {train_acc:.4f} | {values['perf/images_per_sec']:.0f} images/s")
                 if stop_signal or last_step:
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not epoch_ends:
                     save()
-            epoch_seconds.append(time.perf_counter() - epoch_start)  # an epoch, or the part this run trained
+            epoch_seconds.append(stats.end_epoch())  # an epoch, or the part this run trained
             train_seconds += epoch_seconds[-1]
 
             if stop_signal:
@@ -383,7 +389,7 @@ def train(cfg: TrainConfig) -> dict:
             if len(train_split) - position < global_batch:  # the epoch is complete
                 epoch, position = epoch + 1, 0
             results = evaluate(model, test_loader, accelerator, cfg.image_size)
-            accelerator.log({"test/loss": results["test_loss"], "test/acc": results["test_acc"]}, step=step)
+            monitor.log_epoch(step, epoch_seconds[-1], results, test_split)
             where = f"end of epoch {epoch}" if position == 0 else f"epoch {epoch + 1}, sample {position}"
             progress.log(f"step {step} ({where}) | test loss {results['test_loss']:.4f} "
                          f"acc {results['test_acc']:.4f} ({results['test_correct']}/{results['test_samples']})")
@@ -419,9 +425,12 @@ def train(cfg: TrainConfig) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "param_checksums": checksums,
     }
+    monitor.finish(metrics)
     if master:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        report = write_report(run_dir)  # from the event files (flushed by monitor.finish) and metrics.json
         progress.log(f"test accuracy {metrics['test_acc']:.4f} | {metrics['train_images_per_sec']:.0f} images/s "
-                     f"| metrics: {run_dir / 'metrics.json'}\nwatch it: tensorboard --logdir {run_dir / 'tensorboard'}")
+                     f"| metrics: {run_dir / 'metrics.json'} | report: {report}\n"
+                     f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
     accelerator.end_training()
     return metrics
