@@ -109,7 +109,8 @@ def write_report(run_dir: str | Path) -> Path:
     if "misclassified.png" in figures:
         lines += ["", "Some misclassified test images:", "", "![misclassified](misclassified.png)"]
     if "inputs.png" in figures:
-        lines += ["", "## Inputs", "", "The first training batch as the model saw it (after resizing and any augmentation):", "",
+        lines += ["", "## Inputs", "",
+                  "The first training batch as the model saw it (after resizing and any augmentation):", "",
                   "![first training batch](inputs.png)"]
     lines += ["", "## Reproduce", ""]
     command = _uncode(_text(events, "run/command"))
