@@ -60,7 +60,11 @@ def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
 def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
     """Read and validate a uint8 IDX file with `ndim` dimensions; raise DataError naming the file."""
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err}); fix its permissions or replace "
+                        f"it") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number); re-download it or delete it to "
                         f"have it downloaded again")
@@ -203,7 +207,11 @@ def load_data(cfg) -> tuple[Split, Split]:
     """The train and test splits named by the config (the synthetic set is generated on first use)."""
     if cfg.dataset == "synthetic":
         root = synthetic_root(cfg.data_dir, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
-        make_synthetic(root, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
+        try:
+            make_synthetic(root, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
+        except OSError as err:
+            raise DataError(f"could not write the synthetic data set into {root} ({err.strerror or err}); "
+                            f"choose a writable --data-dir") from None
         download = False
     else:
         root, download = Path(cfg.data_dir), cfg.download

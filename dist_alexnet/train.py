@@ -7,6 +7,7 @@ write files or print are guarded by `master` (rank 0), and every collective call
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from accelerate.utils import (DataLoaderConfiguration, DDPCommunicationHookType,
 from dist_alexnet.checkpoint import (CheckpointError, PreemptionFlag, check_compatible, find_resume_checkpoint,
                                      list_checkpoints, requeue_slurm_job, save_checkpoint)
 from dist_alexnet.config import ConfigError, TrainConfig, resolve_mixed_precision, save_yaml
-from dist_alexnet.data import load_data, make_loader, to_model_input, training_input
+from dist_alexnet.data import DataError, Split, load_data, make_loader, to_model_input, training_input
 from dist_alexnet.model import AlexNet
 from dist_alexnet.monitor import StepStats, make_monitor
 from dist_alexnet.report import write_report
@@ -62,6 +63,61 @@ def resolve_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     # init_trackers("tensorboard") then writes its events to <run_dir>/tensorboard.
     accelerator.project_configuration.project_dir = accelerator.project_configuration.logging_dir = chosen[0]
     return Path(chosen[0])
+
+
+def _write_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot be created or written to (a small file created, synced and removed), or None."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok\n")
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here
+        probe.unlink()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            probe.unlink()  # created but not written (a full disk)
+        # mkdir says only "Not a directory" or "File exists": name the part of the path that is a file
+        # (os.path rather than Path: its checks answer False instead of raising PermissionError)
+        blocker = next((p for p in (run_dir, *run_dir.parents) if os.path.exists(p) and not os.path.isdir(p)), None)
+        return f"{blocker} is a file, not a directory" if blocker else err.strerror or str(err)
+    return None
+
+
+def check_output_dir(run_dir: Path, accelerator: Accelerator) -> None:
+    """Before any work, on every rank: rank 0 creates the run directory and writes a file in it, and every
+    rank learns the outcome, so a bad --output-dir fails in seconds with one line instead of at the first
+    checkpoint. (Rank 0 writes every file of the run; the directory is meant to be on a shared file system.)"""
+    problem = [_write_problem(run_dir) if accelerator.is_main_process else None]
+    broadcast_object_list(problem, from_process=0)
+    if problem[0]:
+        raise ConfigError(f"output directory {run_dir} is not writable ({problem[0]}); choose another --output-dir")
+
+
+def load_data_on_every_rank(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Split, Split]:
+    """load_data in two turns: first the local main process of each node (it writes the synthetic set or
+    downloads Fashion-MNIST), then the other ranks, which read the finished files.
+
+    After each turn every rank learns whether any rank failed (gather_object all-gathers) and all raise the
+    same error. local_main_process_first() would instead leave the other ranks waiting in its barrier for
+    the collective timeout (30 minutes) when the first rank fails, say on missing files with --no-download."""
+    splits, failure, report = None, None, None
+    for first_turn in (True, False):
+        if accelerator.is_local_main_process == first_turn:
+            try:
+                splits = load_data(cfg)
+            except DataError as err:
+                failure, report = err, str(err)
+            except Exception as err:  # unexpected (it keeps its traceback), but shared too: no rank waits for it
+                failure = err
+                report = f"rank {accelerator.process_index} could not load the data ({type(err).__name__}: {err})"
+        reports = [r for r in gather_object([report]) if r]
+        if failure is not None:
+            raise failure
+        if reports:
+            raise DataError(reports[0])
+    return splits
 
 
 def build_model(cfg: TrainConfig) -> AlexNet:
@@ -218,11 +274,11 @@ def train(cfg: TrainConfig) -> dict:
     master = accelerator.is_main_process
     world = accelerator.num_processes
     run_dir = resolve_run_dir(cfg, accelerator)
+    check_output_dir(run_dir, accelerator)
     log = print if master else (lambda *args, **kwargs: None)
 
     # --- data: rank 0 of each node writes the synthetic set / downloads first, the others then read it
-    with accelerator.local_main_process_first():
-        train_split, test_split = load_data(cfg)
+    train_split, test_split = load_data_on_every_rank(cfg, accelerator)
     global_batch = cfg.batch_size * world
     if len(train_split) < global_batch:
         raise ConfigError(f"--batch-size {cfg.batch_size} x {world} process(es) = {global_batch} is larger than "
