@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as save_safetensors
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})$")
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng_states.pt", "trainer_state.json")
@@ -74,6 +74,22 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _write_file(path: Path, content) -> None:
+    """One file of a checkpoint: a state dict with safetensors for *.safetensors, torch.save otherwise.
+    Both libraries report a failed write (a full disk) as their own error without the reason; here it
+    comes out as the OSError that says what went wrong."""
+    if path.suffix == ".safetensors":
+        path.write_bytes(save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in content.items()}))
+        return
+    try:
+        with open(path, "wb") as f:
+            torch.save(content, f)
+    except RuntimeError as err:  # "unexpected pos ...": torch's zip writer, after the file's write() failed
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, object], trainer_state: dict,
                     keep: int) -> Path:
     """Write step_NNNNNN atomically (rank 0 only), then apply retention.
@@ -90,10 +106,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, obje
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
         for name, content in files.items():
-            if name.endswith(".safetensors"):
-                save_file({k: v.detach().to("cpu").contiguous() for k, v in content.items()}, tmp / name)
-            else:
-                torch.save(content, tmp / name)
+            _write_file(tmp / name, content)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         for file in tmp.iterdir():
             _fsync(file)
@@ -105,9 +118,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, obje
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
-        raise CheckpointError(f"could not write checkpoint {final} ({err.strerror or err}); "
-                              f"{'the previous one, ' + str(previous[-1]) + ', is intact' if previous else 'no earlier checkpoint exists'}"
-                              f"; free space or choose another --output-dir") from None
+        kept = f"the previous one, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final} ({err.strerror or err}); {kept}; free space "
+                              f"or choose another --output-dir") from None
     if trainer_state.get("test_acc") is not None and trainer_state["test_acc"] >= trainer_state["best_test_acc"]:
         _point_best_at(final)
     _apply_retention(run_dir, keep)

@@ -11,9 +11,11 @@ TAGS lists every tag written and what it means (the README's table is the same l
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,6 +178,49 @@ class NullMonitor:
         pass
 
 
+def _quiet_event_writer(previous):
+    """A threading.excepthook that leaves out the OSError of TensorBoard's writer thread: Python would print
+    it with a traceback, and the thread raises it again at the next write, where EventWriter reports it."""
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiet_event_writer = True
+    return hook
+
+
+class EventWriter:
+    """The run's TensorBoard SummaryWriter (rank 0), except that a failed write (a full disk, say) turns
+    TensorBoard off with one warning instead of raising: only rank 0 writes events, so raising would stop
+    rank 0 alone. A disk that stays full stops every rank at the next checkpoint, with its own message."""
+
+    def __init__(self, accelerator, log=print):
+        self.accelerator, self.log, self.failed = accelerator, log, False
+        self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        if not getattr(threading.excepthook, "quiet_event_writer", False):
+            threading.excepthook = _quiet_event_writer(threading.excepthook)
+
+    def __getattr__(self, name: str):
+        """add_scalar, add_image, flush: the SummaryWriter's, guarded."""
+        return functools.partial(self._call, getattr(self.writer, name))
+
+    def add_summary(self, summary, step: int) -> None:
+        """A summary protobuf (text, hparams) into the same event file."""
+        self._call(self.writer.file_writer.add_summary, summary, step)
+
+    def _call(self, method, *args, **kwargs) -> None:
+        if self.failed:
+            return
+        try:
+            method(*args, **kwargs)
+        except OSError as err:  # raised by the writer's thread, at this or a later call
+            self.failed = True
+            # end_training() would close the broken writer, which raises the same error again
+            self.accelerator.trackers.remove(self.accelerator.get_tracker("tensorboard"))
+            self.log(f"warning: cannot write TensorBoard events to {self.writer.log_dir} ({err.strerror or err}); "
+                     f"training goes on without them")
+
+
 class Monitor:
     """Rank 0: writes everything into the run's one TensorBoard event file."""
 
@@ -184,7 +229,7 @@ class Monitor:
 
         self.accelerator, self.cfg, self.run_dir = accelerator, cfg, Path(run_dir)
         self.model, self.optimizer, self.total_steps, self.log = model, optimizer, total_steps, log
-        self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        self.writer = EventWriter(accelerator, log)
         self.grad_norm = None  # device tensor, set at steps that get logged
         self.next_step = None  # the optimizer step the coming micro-batches belong to
         self.wrote_inputs = False
@@ -272,7 +317,7 @@ class Monitor:
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         from tensorboard.plugins.text.summary_v2 import text_pb
 
-        self.writer.file_writer.add_summary(text_pb(tag, markdown), step)
+        self.writer.add_summary(text_pb(tag, markdown), step)
 
     def image(self, tag: str, figure, step: int) -> None:
         self.writer.add_image(tag, to_rgb(figure), step, dataformats="HWC")
@@ -300,8 +345,8 @@ class Monitor:
         config.value.add(tag=metadata.EXPERIMENT_TAG, tensor=metadata.NULL_TENSOR,
                          metadata=metadata.create_summary_metadata(
                              plugin_data_pb2.HParamsPluginData(experiment=experiment)))
-        self.writer.file_writer.add_summary(config, 0)
-        self.writer.file_writer.add_summary(hp.hparams_pb(values), 0)
+        self.writer.add_summary(config, 0)
+        self.writer.add_summary(hp.hparams_pb(values), 0)
 
     def diverged(self, message: str, step: int) -> None:
         """The loss became non-finite and training stops: the reason, in TensorBoard too."""

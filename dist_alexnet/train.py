@@ -482,9 +482,19 @@ def train(cfg: TrainConfig) -> dict:
         "param_checksums": checksums,
     }
     monitor.finish(metrics)
+    problem = [None]  # rank 0 writes the results; a failure there (a full disk) ends every rank the same way
     if master:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report = write_report(run_dir)  # from the event files (flushed by monitor.finish) and metrics.json
+        try:
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            report = write_report(run_dir)  # from the event files (flushed by monitor.finish) and metrics.json
+        except OSError as err:
+            problem = [f"could not write {err.filename or run_dir} ({err.strerror or err}); training finished and "
+                       f"its final checkpoint is saved: free space, then rerun with --output-dir {run_dir} "
+                       f"--resume auto to write the results (it resumes from that checkpoint and only evaluates)"]
+    broadcast_object_list(problem, from_process=0)
+    if problem[0]:
+        raise ConfigError(problem[0])
+    if master:
         progress.log(f"test accuracy {metrics['test_acc']:.4f} | {metrics['train_images_per_sec']:.0f} images/s "
                      f"| metrics: {run_dir / 'metrics.json'} | report: {report}\n"
                      f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
