@@ -75,6 +75,17 @@ def is_log_step(step: int, log_every: int, total_steps: int) -> bool:
     return step % log_every == 0 or step == total_steps
 
 
+def loss_scale_note(before: float | None, after: float, first_step: int, last_step: int) -> str | None:
+    """fp16, at a log step: a loss scale lower than at the previous one means GradScaler found inf/NaN gradients
+    in steps first_step..last_step, skipped those updates and lowered the scale. That is how it finds the largest
+    safe scale: a note, not an error (a NaN/inf *loss* is what stops training)."""
+    if before is None or after >= before:
+        return None
+    steps = f"step {last_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
+    return (f"note: fp16 gradient overflow in {steps}: GradScaler skipped step(s) and lowered the loss scale "
+            f"from {before:g} to {after:g} (normal early in fp16 training; not an error)")
+
+
 def _sync(device: torch.device) -> None:
     """Wait for the device's queued work, so host clocks measure what the device did."""
     if device.type == "cuda":
@@ -234,6 +245,9 @@ class Monitor:
         self.next_step = None  # the optimizer step the coming micro-batches belong to
         self.wrote_inputs = False
         self.warned_chance = False
+        # fp16: the loss scale at the previous log step (before the first step: the initial or resumed scale)
+        self.loss_scale = float(accelerator.scaler.get_scale()) if accelerator.scaler is not None else None
+        self.logged_step = None  # the previous log step (or the step the run started from)
         # Called by the optimizer right before it updates the weights (not on steps it skips).
         getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._before_update)
 
@@ -249,6 +263,8 @@ class Monitor:
         """Before each micro-batch of optimizer step `step`: the input grid (once), and the note of which
         step the gradient-norm hook is about to see."""
         self.next_step = step
+        if self.logged_step is None:
+            self.logged_step = step - 1
         if not self.wrote_inputs:
             self.wrote_inputs = True
             self._input_grid(batch, epoch, step - 1)
@@ -280,7 +296,12 @@ class Monitor:
         if self.grad_norm is not None:
             values["train/grad_norm"] = float(self.grad_norm)
         if self.accelerator.scaler is not None:
-            values["train/loss_scale"] = float(self.accelerator.scaler.get_scale())
+            scale = float(self.accelerator.scaler.get_scale())  # a sync, at log steps only (collect() has one)
+            note = loss_scale_note(self.loss_scale, scale, (self.logged_step or 0) + 1, step)
+            if note:
+                self.log(note)
+            values["train/loss_scale"] = self.loss_scale = scale
+        self.logged_step = step
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self._check_chance_level(step, epoch, values["train/loss"], values["train/acc"])
