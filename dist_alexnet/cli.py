@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 
 from dist_alexnet import __version__
 from dist_alexnet.checkpoint import CheckpointError
-from dist_alexnet.config import ConfigError, add_arguments, config_from_args
+from dist_alexnet.config import DATA_OPTIONS, ConfigError, add_arguments, config_from_args
 from dist_alexnet.data import DataError
 from dist_alexnet.report import ReportError
 
 # Errors that come from what the user handed us: one clear line and exit code 2, no traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ReportError)
+MODEL_HELP = "a training checkpoint (checkpoints/step_NNNNNN), a run directory (its best checkpoint) or an export"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     bench.set_defaults(run=run_benchmark)
 
+    evaluate = commands.add_parser("evaluate", help="exact accuracy, loss, per-class accuracy and confusion matrix "
+                                   "of a checkpoint (one process, or many under `accelerate launch`)")
+    evaluate.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    evaluate.add_argument("--split", choices=("test", "train"), default="test", help="(default: test)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_arguments(evaluate, only=DATA_OPTIONS)  # default: the values the checkpoint was trained with
+    evaluate.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
+    evaluate.set_defaults(run=run_evaluate)
+
+    predict = commands.add_parser("predict", help="the classes of image files (PNG, JPEG, any PIL-readable image)")
+    predict.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or directories of them")
+    predict.add_argument("--invert", action="store_true",
+                         help="Fashion-MNIST items are light objects on a dark background: invert photos of dark "
+                              "objects on a light background")
+    predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object instead of one line per image")
+    predict.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
+    predict.set_defaults(run=run_predict)
+
+    export = commands.add_parser("export", help="weights-only model.safetensors and a JSON model card, "
+                                 "for predict/evaluate or other programs")
+    export.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    export.add_argument("--out", required=True, help="directory to write model.safetensors and model_card.json to")
+    export.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
+    export.set_defaults(run=run_export)
+
     report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
     report.set_defaults(run=run_report)
@@ -76,6 +106,46 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from dist_alexnet.benchmark import main as benchmark  # imports torch/accelerate: keep `--help` fast
 
     return benchmark(args)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from dist_alexnet.inference import evaluate_checkpoint, format_evaluation
+
+    overrides = {name: getattr(args, name) for name in DATA_OPTIONS if hasattr(args, name)}
+    try:
+        results = evaluate_checkpoint(args.checkpoint, args.split, overrides)
+    finally:
+        gc.collect()  # as after training: free the process group's threads before interpreter shutdown
+    if results is not None:  # rank 0 prints
+        print(json.dumps(results) if args.json else format_evaluation(results))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from dist_alexnet.inference import format_prediction, image_files, load_trained_model, predict
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ConfigError(f"--top-k and --batch-size must be >= 1 (got {args.top_k}, {args.batch_size})")
+    trained = load_trained_model(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
+    files, problems = image_files(args.images)
+    predictions, unreadable = predict(trained, files, args.invert, args.batch_size, args.top_k)
+    problems += unreadable
+    if args.json:
+        print(json.dumps({"checkpoint": str(trained.path), "predictions": predictions,
+                          "errors": [{"file": file, "error": reason} for file, reason in problems]}))
+    else:
+        for prediction in predictions:
+            print(format_prediction(prediction))
+    for _, reason in problems:
+        print(f"dist-alexnet: error: {reason}", file=sys.stderr)
+    return 2 if problems else 0  # every readable file still got its prediction
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from dist_alexnet.inference import export_model
+
+    print(f"exported: {export_model(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr))}")
+    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:

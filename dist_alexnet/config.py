@@ -182,10 +182,20 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return values
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field. Unset flags stay absent so YAML values are not overridden."""
-    parser.add_argument("--config", help="YAML file of options (command-line flags override it)")
+# The options that choose the data and how it is batched: `evaluate` takes these from the command line
+# (over the checkpoint's own values); the rest of an evaluation's config comes from the checkpoint.
+DATA_OPTIONS = ("dataset", "data_dir", "download", "limit_train", "limit_test", "synthetic_train_size",
+                "synthetic_test_size", "pipeline", "num_workers", "batch_size", "mixed_precision")
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One --flag per TrainConfig field (or per field named in `only`, then without --config).
+    Unset flags stay absent so YAML (or checkpoint) values are not overridden."""
+    if only is None:
+        parser.add_argument("--config", help="YAML file of options (command-line flags override it)")
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         kind = _field_type(f)
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
         if kind is bool:

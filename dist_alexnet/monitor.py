@@ -310,8 +310,7 @@ class Monitor:
     def log_epoch(self, step: int, epoch_seconds: float, results: dict, test_split) -> None:
         """After each evaluation: test metrics, per-class accuracy, confusion matrix, misclassified images."""
         predictions, labels = results["predictions"], results["labels"]
-        confusion = torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10)
-        per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+        confusion, per_class = results["confusion_matrix"], results["per_class_acc"]
         self.writer.add_scalar("test/loss", results["test_loss"], step)
         self.writer.add_scalar("test/acc", results["test_acc"], step)
         for name, acc in zip(CLASS_NAMES, per_class):

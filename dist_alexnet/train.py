@@ -183,15 +183,18 @@ def evaluate(model, loader, accelerator: Accelerator, image_size: int) -> dict:
         loss, pred, targets, index = accelerator.gather_for_metrics((loss, logits.argmax(1), targets, index))
         losses.append(loss), predictions.append(pred), labels.append(targets), indices.append(index)
     model.train()
-    losses, predictions, labels = torch.cat(losses), torch.cat(predictions), torch.cat(labels)
+    losses, predictions, labels = torch.cat(losses), torch.cat(predictions).cpu(), torch.cat(labels).cpu()
     correct = int((predictions == labels).sum())
+    confusion = torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10)  # rows: true class
     return {
         "test_loss": float(losses.mean()),
         "test_acc": correct / len(labels),
         "test_correct": correct,
         "test_samples": len(labels),
-        "predictions": predictions.cpu(),
-        "labels": labels.cpu(),
+        "confusion_matrix": confusion,
+        "per_class_acc": (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist(),
+        "predictions": predictions,
+        "labels": labels,
         "indices": torch.cat(indices).cpu(),  # position of each sample in the test split
     }
 
