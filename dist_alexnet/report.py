@@ -63,8 +63,6 @@ def read_events(tensorboard_dir: Path) -> Events:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write report.md and its PNG files into run_dir; return the report's path."""
-    import yaml
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")

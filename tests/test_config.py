@@ -1,7 +1,5 @@
 """Config: defaults are the reference run, precedence CLI > YAML > defaults, every bad value explained."""
 
-import argparse
-
 import pytest
 
 from dist_alexnet.cli import build_parser
