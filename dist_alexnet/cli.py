@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dist_alexnet.train import TrainingDiverged, train  # imports torch/accelerate: keep `--help` fast
+    cfg = config_from_args(args)  # a bad option is reported before the slow imports below
+    from dist_alexnet.train import TrainingDiverged, train  # imports accelerate, tensorboard, matplotlib
 
     try:
-        train(config_from_args(args))
+        train(cfg)
     except TrainingDiverged as err:
         print(f"dist-alexnet: error: {err}", file=sys.stderr)
         return 3

@@ -317,13 +317,14 @@ class Monitor:
             self.writer.add_scalar(class_tag(name), acc, step)
         self.writer.add_scalar("perf/epoch_seconds", epoch_seconds, step)
 
-        title = f"step {step}: test accuracy {results['test_acc']:.4f}"
-        self.image("test/confusion_matrix", confusion_matrix_figure(confusion, title), step)
-        self.image("test/class_accuracy", class_accuracy_figure(per_class, title), step)
-        wrong = (predictions != labels).nonzero().flatten()[:12]
-        indices = results["indices"][wrong]
-        self.image("test/misclassified", misclassified_figure(
-            test_split.images[indices], predictions[wrong].tolist(), labels[wrong].tolist()), step)
+        if self.cfg.log_figures:
+            title = f"step {step}: test accuracy {results['test_acc']:.4f}"
+            self.image("test/confusion_matrix", confusion_matrix_figure(confusion, title), step)
+            self.image("test/class_accuracy", class_accuracy_figure(per_class, title), step)
+            wrong = (predictions != labels).nonzero().flatten()[:12]
+            indices = results["indices"][wrong]
+            self.image("test/misclassified", misclassified_figure(
+                test_split.images[indices], predictions[wrong].tolist(), labels[wrong].tolist()), step)
         self.writer.flush()  # a finished epoch is visible in TensorBoard right away
 
     def finish(self, metrics: dict) -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# A small, fast configuration: the real architecture at 1/8 width on 64x64 inputs.
+# A small, fast configuration: the real architecture at 1/8 width on 64x64 inputs. Without the evaluation
+# figures (matplotlib would take about a third of each tiny run); test_monitor.py turns them back on.
 TINY = ["--dataset", "synthetic", "--synthetic-train-size", "1024", "--synthetic-test-size", "101",
-        "--image-size", "64", "--model-width", "0.125", "--batch-size", "32", "--log-every", "4"]
+        "--image-size", "64", "--model-width", "0.125", "--batch-size", "32", "--log-every", "4", "--no-log-figures"]
 
 
 def free_port() -> int:

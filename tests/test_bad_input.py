@@ -1,5 +1,6 @@
 """Every wrong input a user or a cluster can hand the program gets one clear line (what is wrong and how to
-fix it), exit code 2 and no traceback, from the real command line. Multi-process cases (missing data, a NaN
+fix it), exit code 2 and no traceback, from the command line's entry point (in a fresh process for the
+cases that get as far as starting Accelerate). Multi-process cases (missing data, a NaN
 on one rank) and a full disk are in test_guards.py."""
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_alexnet.checkpoint import list_checkpoints
+from dist_alexnet.cli import main
 from dist_alexnet.data import SYNTHETIC_SEED, synthetic_root, write_idx
 from tests.helpers import TINY, cpu_env, run, train_tiny
 from tests.test_data import corrupt_magic, corrupt_truncate
 
 CASES = {}
+OWN_PROCESS = set()  # cases that get as far as starting Accelerate: each runs in a fresh process
 
 
-def case(function):
+def case(function=None, *, own_process=False):
     """A bad input: function(tmp_path, data_dir, run_dir) -> (argv, word the message must contain[, env])."""
-    CASES[function.__name__] = function
-    return function
+    def register(function):
+        CASES[function.__name__] = function
+        if own_process:
+            OWN_PROCESS.add(function.__name__)
+        return function
+    return register(function) if function else register
 
 
 def tiny(data_dir, tmp, *extra):
@@ -42,13 +49,13 @@ def real_layout_copy(data_dir, tmp, corrupt=None):
 
 # --- data
 
-@case
+@case(own_process=True)
 def data_missing_without_download(tmp, data_dir, run_dir):
     return ["train", "--data-dir", str(tmp / "empty"), "--no-download", "--output-dir", str(tmp / "out")], \
         "--dataset synthetic"
 
 
-@case
+@case(own_process=True)
 def download_impossible_offline(tmp, data_dir, run_dir):
     # Every connection goes to a closed local port: offline, deterministically and at once.
     offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": ""}
@@ -56,31 +63,31 @@ def download_impossible_offline(tmp, data_dir, run_dir):
         "could not download Fashion-MNIST", offline
 
 
-@case
+@case(own_process=True)
 def idx_truncated(tmp, data_dir, run_dir):
     return real_layout_copy(data_dir, tmp, corrupt_truncate), "truncated"
 
 
-@case
+@case(own_process=True)
 def idx_wrong_magic(tmp, data_dir, run_dir):
     return real_layout_copy(data_dir, tmp, corrupt_magic), "bad magic number"
 
 
-@case
+@case(own_process=True)
 def idx_wrong_shape(tmp, data_dir, run_dir):
     def images_32x32(raw):
         write_idx(raw / "train-images-idx3-ubyte", torch.zeros(1024, 32, 32, dtype=torch.uint8))
     return real_layout_copy(data_dir, tmp, images_32x32), "Fashion-MNIST's are 28x28"
 
 
-@case
+@case(own_process=True)
 def idx_count_mismatch(tmp, data_dir, run_dir):
     def fewer_labels(raw):
         write_idx(raw / "train-labels-idx1-ubyte", torch.zeros(1000, dtype=torch.uint8))
     return real_layout_copy(data_dir, tmp, fewer_labels), "1000 labels for 1024 images"
 
 
-@case
+@case(own_process=True)
 def idx_label_outside_0_to_9(tmp, data_dir, run_dir):
     def label_10(raw):
         write_idx(raw / "train-labels-idx1-ubyte", torch.tensor([3] * 1023 + [10], dtype=torch.uint8))
@@ -133,7 +140,7 @@ def keep_one_checkpoint(tmp, data_dir, run_dir):
     return tiny(data_dir, tmp, "--keep-checkpoints", "1"), "--keep-checkpoints must be >= 2"
 
 
-@case
+@case(own_process=True)
 def batch_larger_than_data_set(tmp, data_dir, run_dir):
     return tiny(data_dir, tmp, "--batch-size", "5000"), "larger than the 1024 training samples"
 
@@ -143,7 +150,7 @@ def image_size_below_64(tmp, data_dir, run_dir):
     return tiny(data_dir, tmp, "--image-size", "32"), "--image-size must be >= 64"
 
 
-@case
+@case(own_process=True)
 def output_dir_not_writable(tmp, data_dir, run_dir):
     (tmp / "a-file").write_text("")
     return ["train", *TINY, "--data-dir", str(data_dir), "--output-dir", str(tmp / "a-file" / "run")], \
@@ -181,7 +188,7 @@ def checkpoint_of_another_architecture(tmp, data_dir, run_dir):
     return ["predict", "--checkpoint", str(copy), str(tmp)], "another architecture"
 
 
-@case
+@case(own_process=True)
 def resume_from_another_model(tmp, data_dir, run_dir):
     return ["train", *TINY, "--data-dir", str(data_dir), "--output-dir", str(tmp / "out"), "--model-width", "0.25",
             "--resume", str(list_checkpoints(run_dir)[-1])], "different model or data set"
@@ -224,27 +231,41 @@ def run_dir(tmp_path_factory, data_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, data_dir, run_dir) -> dict:
-    """Every case run as a real command, two at a time (each spends most of its few seconds importing torch)."""
+def processes(tmp_path_factory, data_dir, run_dir) -> dict:
+    """The OWN_PROCESS cases run as real commands, two at a time (each spends seconds importing torch)."""
     def attempt(name):
         tmp = tmp_path_factory.mktemp(name)
         argv, word, *env = CASES[name](tmp, data_dir, run_dir)
         result = run(argv[1:], subcommand=argv[0], check=False, timeout=120, env=cpu_env(**(env[0] if env else {})))
-        return tmp, word, result
+        return tmp, word, result.returncode, result.stdout, result.stderr
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(CASES, pool.map(attempt, CASES)))
+        return dict(zip(sorted(OWN_PROCESS), pool.map(attempt, sorted(OWN_PROCESS))))
+
+
+def in_this_process(name, tmp_path, data_dir, run_dir, capsys, monkeypatch):
+    """The command line's entry point, main(argv), called here: the same code path without a process start."""
+    for key, value in cpu_env().items():
+        monkeypatch.setenv(key, value)
+    argv, word = CASES[name](tmp_path, data_dir, run_dir)
+    code = main(argv)
+    out = capsys.readouterr()
+    return tmp_path, word, code, out.out, out.err
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_gets_one_clear_line_and_exit_code_2(name, outcomes):
-    tmp, word, result = outcomes[name]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("dist-alexnet: error:")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(errors) == 1 and word in errors[0], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+def test_bad_input_gets_one_clear_line_and_exit_code_2(name, request, tmp_path, data_dir, run_dir, capsys,
+                                                       monkeypatch):
+    if name in OWN_PROCESS:
+        tmp, word, code, stdout, stderr = request.getfixturevalue("processes")[name]
+    else:
+        tmp, word, code, stdout, stderr = in_this_process(name, tmp_path, data_dir, run_dir, capsys, monkeypatch)
+    errors = [line for line in stderr.splitlines() if line.startswith("dist-alexnet: error:")]
+    assert code == 2, stderr[-3000:]
+    assert len(errors) == 1 and word in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr
     if name == "predict_non_image_file":  # the other files still get their predictions
-        assert result.stdout.startswith(f"{tmp / 'good.png'}: ")
+        assert stdout.startswith(f"{tmp / 'good.png'}: ")
 
 
 def test_at_least_twenty_cases():

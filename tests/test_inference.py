@@ -34,7 +34,7 @@ def test_evaluate_equals_the_runs_final_metrics(processes, trained, data_dir, tm
     run_dir = trained
     if processes == 2:  # trained and evaluated by two processes
         run_dir = tmp_path / "run"
-        train_tiny(run_dir, data_dir, "--epochs", "2", processes=2)
+        train_tiny(run_dir, data_dir, "--epochs", "1", processes=2)
     result = run(["--checkpoint", str(final_checkpoint(run_dir)), "--json"], processes=processes,
                  subcommand="evaluate")
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])

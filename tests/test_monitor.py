@@ -33,7 +33,7 @@ TEXT_TAGS = {"run/config", "run/command", "run/launcher", "run/summary"}
 def tiny_run(tmp_path_factory, data_dir):
     """A 2-epoch, 2-process run with augmentation; returns (run directory, its stdout)."""
     run_dir = tmp_path_factory.mktemp("monitor") / "run"
-    result = train_tiny(run_dir, data_dir, "--epochs", "2", "--augment", processes=2)
+    result = train_tiny(run_dir, data_dir, "--epochs", "2", "--augment", "--log-figures", processes=2)
     return run_dir, result.stdout
 
 
