@@ -88,10 +88,10 @@ def load_trained_model(path: str | os.PathLike, log=print) -> TrainedModel:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in weights.items()}
     if found != expected:
-        differences = sorted(set(expected.items()) ^ set(found.items()))
+        name = sorted(set(expected.items()) ^ set(found.items()))[0][0]
         raise CheckpointError(f"{weights_file} holds weights of another architecture, not dist-alexnet's AlexNet "
-                              f"at width {width:g} (first difference: {differences[0][0]} "
-                              f"{found.get(differences[0][0], 'missing')} vs {expected.get(differences[0][0], 'absent')})")
+                              f"at width {width:g} (first difference: {name} is {found.get(name, 'missing')} "
+                              f"there, {expected.get(name, 'not part of the model')} in the model)")
     model.load_state_dict(weights)
     return TrainedModel(model.eval(), folder, image_size, config, state, card)
 
