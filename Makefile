@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # so it finishes in a few minutes on a CPU (GPUs are used when present).
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/dist-alexnet train --dataset synthetic --image-size 64 --epochs 5 --log-every 10 \
+	$(BIN)/dist-alexnet train --dataset synthetic --image-size 64 --epochs 2 --log-every 10 \
 		--output-dir $(DEMO_DIR)
 	@echo "run directory: $(DEMO_DIR) (config.yaml, metrics.json, checkpoints/, tensorboard/)"
 	@echo "open TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/tensorboard  (then http://localhost:6006)"
