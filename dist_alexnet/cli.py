@@ -22,13 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-alexnet", description="Distributed AlexNet on Fashion-MNIST.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)  # --debug for every subcommand that reports input errors
+    debug.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
 
-    train = commands.add_parser("train", help="train AlexNet (run under `accelerate launch` for many processes)")
+    train = commands.add_parser("train", parents=[debug],
+                                help="train AlexNet (run under `accelerate launch` for many processes)")
     add_arguments(train)
-    train.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     train.set_defaults(run=run_train)
 
-    bench = commands.add_parser("benchmark", help="measure the model step, the trainer step with each input "
+    bench = commands.add_parser("benchmark", parents=[debug],
+                                help="measure the model step, the trainer step with each input "
                                 "pipeline and the pipelines alone, side by side (images/s, MFU)")
     bench.add_argument("--image-size", type=int, default=224, help="side after resizing (default: 224)")
     bench.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
@@ -48,19 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-width", type=float, default=1.0, help="fraction of AlexNet's widths (default: 1.0)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random images and weights (default: 0)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as one JSON object")
-    bench.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     bench.set_defaults(run=run_benchmark)
 
-    evaluate = commands.add_parser("evaluate", help="exact accuracy, loss, per-class accuracy and confusion matrix "
+    evaluate = commands.add_parser("evaluate", parents=[debug],
+                                   help="exact accuracy, loss, per-class accuracy and confusion matrix "
                                    "of a checkpoint (one process, or many under `accelerate launch`)")
     evaluate.add_argument("--checkpoint", required=True, help=MODEL_HELP)
     evaluate.add_argument("--split", choices=("test", "train"), default="test", help="(default: test)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     add_arguments(evaluate, only=DATA_OPTIONS)  # default: the values the checkpoint was trained with
-    evaluate.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     evaluate.set_defaults(run=run_evaluate)
 
-    predict = commands.add_parser("predict", help="the classes of image files (PNG, JPEG, any PIL-readable image)")
+    predict = commands.add_parser("predict", parents=[debug],
+                                  help="the classes of image files (PNG, JPEG, any PIL-readable image)")
     predict.add_argument("--checkpoint", required=True, help=MODEL_HELP)
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or directories of them")
     predict.add_argument("--invert", action="store_true",
@@ -69,14 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
     predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     predict.add_argument("--json", action="store_true", help="print one JSON object instead of one line per image")
-    predict.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     predict.set_defaults(run=run_predict)
 
-    export = commands.add_parser("export", help="weights-only model.safetensors and a JSON model card, "
+    export = commands.add_parser("export", parents=[debug],
+                                 help="weights-only model.safetensors and a JSON model card, "
                                  "for predict/evaluate or other programs")
     export.add_argument("--checkpoint", required=True, help=MODEL_HELP)
     export.add_argument("--out", required=True, help="directory to write model.safetensors and model_card.json to")
-    export.add_argument("--debug", action="store_true", help="show full tracebacks for input errors")
     export.set_defaults(run=run_export)
 
     report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")

@@ -112,7 +112,7 @@ class TrainConfig:
              "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")
         need(self.resume in ("auto", "none") or bool(self.resume),
              "--resume must be auto, none or a checkpoint directory")
-        if self.mixed_precision == "fp16" and not _cuda_usable():
+        if self.mixed_precision == "fp16" and not cuda_usable():
             problems.append("--mixed-precision fp16 needs a CUDA GPU and none is usable here; "
                             "use --mixed-precision bf16 (works on CPU) or no")
         if problems:
@@ -127,7 +127,7 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _cuda_usable() -> bool:
+def cuda_usable() -> bool:
     import torch
 
     return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")

@@ -18,12 +18,14 @@ import torch.nn.functional as F
 
 from dist_alexnet.checkpoint import (CheckpointError, best_checkpoint, list_checkpoints, load_model_state,
                                      read_trainer_state)
-from dist_alexnet.config import ConfigError, TrainConfig
+from dist_alexnet.config import ConfigError, TrainConfig, cuda_usable
 from dist_alexnet.data import CLASS_NAMES, MEAN, STD, to_model_input
 from dist_alexnet.model import AlexNet, count_parameters
 
 MODEL_CARD = "model_card.json"
 EXPORT_FORMAT = "dist-alexnet-export/1"
+# Named in predict's message about a directory without images (PIL reads many more).
+COMMON_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 class ImageError(ValueError):
@@ -54,10 +56,11 @@ def resolve_model_dir(path: str | os.PathLike, log=print) -> Path:
         raise CheckpointError(f"{path} is a file, not a checkpoint; give a checkpoints/step_NNNNNN directory, "
                               f"a run directory or an export directory")
     if (path / "checkpoints").is_dir():
-        chosen = best_checkpoint(path) or next(reversed(list_checkpoints(path)), None)
+        best = best_checkpoint(path)
+        chosen = best or next(reversed(list_checkpoints(path)), None)
         if chosen is None:
             raise CheckpointError(f"run directory {path} has no complete checkpoint yet")
-        log(f"using {chosen} ({'best by test accuracy' if chosen == best_checkpoint(path) else 'newest'})")
+        log(f"using {chosen} ({'best by test accuracy' if best else 'newest'})")
         return chosen
     return path
 
@@ -113,7 +116,7 @@ def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:
     known = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in trained.config.items() if k in known}
     values.update(overrides, output_dir=None, resume="none")
-    if "mixed_precision" not in overrides and values.get("mixed_precision") == "fp16" and not torch.cuda.is_available():
+    if "mixed_precision" not in overrides and values.get("mixed_precision") == "fp16" and not cuda_usable():
         values["mixed_precision"] = "no"  # a GPU run's checkpoint evaluated on a CPU
     return TrainConfig(**values).validate()
 
@@ -183,16 +186,13 @@ def image_files(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
             if not found:
                 problems.append((argument, f"directory {path} holds no image files (looked for "
-                                           f"{', '.join(sorted(e for e in extensions if e in COMMON))}, ...)"))
+                                           f"{', '.join(sorted(COMMON_EXTENSIONS))}, ...)"))
             files += found
         elif path.is_file():
             files.append(path)
         else:
             problems.append((argument, f"{path} does not exist"))
     return files, problems
-
-
-COMMON = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def read_image(path: Path, invert: bool = False) -> torch.Tensor:
