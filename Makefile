@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 
-.PHONY: install demo train test gpu-check system-deps clean
+.PHONY: install demo train test test-fast gpu-check system-deps clean
 
 install: $(STAMP)
 
@@ -44,7 +44,7 @@ train: $(STAMP)
 # without torch.compile) and a 3-epoch training run with every GPU; JSON results in the folder
 # GPU_CHECK_DIR (default ./gpu-check). Without CUDA it runs the same steps at toy sizes.
 gpu-check: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" PYTHON=python bash launch/gpu_check.sh
+	PATH="$(abspath $(BIN)):$$PATH" PYTHON=python bash scripts/gpu_check.sh
 
 # Debian packages for the real-Slurm tests. Installed only when missing and when we may (root + apt).
 system-deps:
@@ -58,6 +58,12 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# A few minutes: the unit tests and the end-to-end runs that catch most breakage (one process, two processes
+# under accelerate launch, exact resume, evaluate/predict, monitoring, bad input). Leaves out the tests marked
+# slow: real Slurm, the other launchers, signals, kill -9, full disks, the GPU check script.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

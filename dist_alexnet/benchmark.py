@@ -2,7 +2,7 @@
 
   (a) model                the training step alone (forward, backward, Adam) on one batch made once on
                            the device: the ceiling for this model on this hardware
-  (b) trainer              the trainer's own step (train.train_step, with its per-step stop check) fed by
+  (b) trainer              the trainer's own step (steps.train_step, with its per-step stop check) fed by
                            the trainer's loader with the device pipeline: uint8 batches, resize /
                            normalize (/ augment) on the device
   (c) torchvision_trainer  the same step fed by the tutorial's pipeline (PIL Resize + ToTensor per image
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_alexnet.config import ConfigError, TrainConfig
+from dist_alexnet.model import AlexNet, build_model
 
 NUM_IMAGES = 60_000  # the size of Fashion-MNIST's training set
 PREFETCH_FACTOR = 2  # batches each DataLoader worker prepares ahead (PyTorch's default)
@@ -85,11 +86,9 @@ def forward_macs(model: nn.Module, image_size: int, in_channels: int = 1) -> int
 
 
 def model_forward_macs(model_width: float, image_size: int) -> int:
-    """forward_macs of the trainer's model (built by train.build_model) at this width and image size."""
-    from dist_alexnet.train import build_model
-
+    """forward_macs of the trainer's AlexNet at this width and image size (built without memory, on "meta")."""
     with torch.device("meta"):
-        model = build_model(TrainConfig(model_width=model_width))
+        model = AlexNet(width=model_width)
     return forward_macs(model, image_size)
 
 
@@ -126,17 +125,28 @@ def run_benchmark(cfg: TrainConfig, steps: int = 10, windows: int = 5, warmup: i
                   peak: float | None = None) -> dict:
     """Measure (a)-(d) for cfg's image size, batch size, precision, model width, compile and augment, on
     the device Accelerate picks (CUDA when available, unless ACCELERATE_USE_CPU=1)."""
-    from dist_alexnet.data import Split, make_loader, to_model_input, training_input
-    from dist_alexnet.train import make_accelerator, make_model_and_optimizer, train_step
+    from dist_alexnet.distributed import make_accelerator
 
     accelerator = make_accelerator(cfg)
+    measurements, before_torchvision_window = make_measurements(cfg, accelerator)
+    rates, peak_bytes = time_interleaved(measurements, before_torchvision_window, accelerator.device,
+                                         cfg.batch_size, steps, windows, warmup)
+    host_syncs = count_host_syncs(measurements["trainer"], steps) if accelerator.device.type == "cuda" else None
+    return benchmark_results(cfg, accelerator, rates, peak_bytes, host_syncs,
+                             dict(steps=steps, windows=windows, warmup=warmup), peak)
+
+
+def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
+    """The five measurements as functions of one step each, sharing one model and optimizer built and prepared
+    by the trainer's own functions; and the function that takes off, untimed, the batches the torchvision
+    workers prepared while the other measurements ran."""
+    from dist_alexnet.datasets import Split
+    from dist_alexnet.inputs import make_loader, to_model_input, training_input
+    from dist_alexnet.optimization import make_optimizer
+    from dist_alexnet.stats import StepStats
+    from dist_alexnet.steps import train_step
+
     dev = accelerator.device
-    cuda = dev.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(dev)
-
     generator = torch.Generator().manual_seed(cfg.seed)
     split = Split(torch.randint(0, 256, (NUM_IMAGES, 28, 28), dtype=torch.uint8, generator=generator),
                   torch.randint(0, 10, (NUM_IMAGES,), generator=generator))
@@ -146,62 +156,81 @@ def run_benchmark(cfg: TrainConfig, steps: int = 10, windows: int = 5, warmup: i
     torchvision_loader, torchvision_order = make_loader(split, torchvision_cfg, train=True)
 
     torch.manual_seed(cfg.seed)
-    model, optimizer = make_model_and_optimizer(cfg, dev)
+    model = build_model(cfg, dev)
+    optimizer = make_optimizer(cfg, model)
     model, optimizer, device_loader, torchvision_loader = accelerator.prepare(
         model, optimizer, device_loader, torchvision_loader)
     device_batches = endless(device_loader, device_order)
     torchvision_batches = endless(torchvision_loader, torchvision_order)
     fixed_inputs = to_model_input(split.images[:cfg.batch_size].to(dev), cfg.image_size)
     fixed_labels = split.labels[:cfg.batch_size].to(dev)
-    sums, nonfinite = torch.zeros(3, device=dev), torch.zeros((), device=dev)
+    stats = StepStats(accelerator)
 
-    def device_pipeline():
-        epoch, batch = next(device_batches)
-        training_input(batch, device_cfg, epoch)
-
-    def torchvision_pipeline():
-        epoch, batch = next(torchvision_batches)
-        training_input(batch, torchvision_cfg, epoch)
+    def pipeline(batches, step_cfg):
+        def step():
+            epoch, batch = next(batches)
+            training_input(batch, step_cfg, epoch)
+        return step
 
     def trainer(batches, step_cfg):
         def step():
             epoch, batch = next(batches)
-            train_step(model, optimizer, accelerator, batch, step_cfg, epoch, sums, nonfinite)
+            inputs, labels = training_input(batch, step_cfg, epoch)
+            train_step(model, optimizer, accelerator, inputs, labels, stats)
         return step
+
+    def skip_prepared_batches():
+        for _ in range(cfg.num_workers * PREFETCH_FACTOR):
+            next(torchvision_batches)
 
     measurements = {
         "model": lambda: model_step(model, optimizer, accelerator, fixed_inputs, fixed_labels),
         "trainer": trainer(device_batches, device_cfg),
         "torchvision_trainer": trainer(torchvision_batches, torchvision_cfg),
-        "device_pipeline": device_pipeline,
-        "torchvision_pipeline": torchvision_pipeline,
+        "device_pipeline": pipeline(device_batches, device_cfg),
+        "torchvision_pipeline": pipeline(torchvision_batches, torchvision_cfg),
     }
-    prepared_ahead = cfg.num_workers * PREFETCH_FACTOR
+    return measurements, skip_prepared_batches
 
-    for name, step in measurements.items():
+
+def time_interleaved(measurements: dict, before_torchvision_window, device: torch.device, batch_size: int,
+                     steps: int, windows: int, warmup: int) -> tuple[dict, dict]:
+    """images/s of each measurement in each window (every measurement runs one window per round, so load from
+    elsewhere falls on all of them alike), and the most memory each allocated (CUDA)."""
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for step in measurements.values():
         for _ in range(warmup):
             step()
     sync()
-
     rates = {name: [] for name in measurements}
     peak_bytes = {name: 0 for name in measurements}
     for _ in range(windows):
         for name, step in measurements.items():
             if name.startswith("torchvision"):
-                for _ in range(prepared_ahead):
-                    next(torchvision_batches)
+                before_torchvision_window()
             sync()
             if cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             for _ in range(steps):
                 step()
             sync()
-            rates[name].append(steps * cfg.batch_size / (time.perf_counter() - start))
+            rates[name].append(steps * batch_size / (time.perf_counter() - start))
             if cuda:
-                peak_bytes[name] = max(peak_bytes[name], torch.cuda.max_memory_allocated(dev))
+                peak_bytes[name] = max(peak_bytes[name], torch.cuda.max_memory_allocated(device))
+    return rates, peak_bytes
 
-    host_syncs = count_host_syncs(measurements["trainer"], steps) if cuda else None
+
+def benchmark_results(cfg: TrainConfig, accelerator, rates: dict, peak_bytes: dict, host_syncs: int | None,
+                      timing: dict, peak: float | None) -> dict:
+    """The benchmark's JSON object: the medians, their ratios, FLOPs and MFU."""
+    dev = accelerator.device
+    cuda = dev.type == "cuda"
     speed = {name: statistics.median(values) for name, values in rates.items()}
     macs = model_forward_macs(cfg.model_width, cfg.image_size)
     flops = 3 * 2 * macs  # a training step: the forward pass, and a backward pass of about twice its cost
@@ -220,9 +249,7 @@ def run_benchmark(cfg: TrainConfig, steps: int = 10, windows: int = 5, warmup: i
         "compile": cfg.compile,
         "augment": cfg.augment,
         "model_width": cfg.model_width,
-        "steps": steps,
-        "windows": windows,
-        "warmup": warmup,
+        **timing,  # steps, windows, warmup
         "cpu_threads": torch.get_num_threads(),
         "torchvision_workers": cfg.num_workers,
         "model_images_per_sec": speed["model"],
@@ -248,7 +275,7 @@ def run_benchmark(cfg: TrainConfig, steps: int = 10, windows: int = 5, warmup: i
         # the most memory allocated during a step, in GiB: weights, gradients and Adam state included
         "peak_memory_gib": {name: peak_bytes[name] / 2**30 for name in ("model", "trainer", "torchvision_trainer")}
         if cuda else None,
-        "host_syncs_per_trainer_step": host_syncs / steps if host_syncs is not None else None,
+        "host_syncs_per_trainer_step": host_syncs / timing["steps"] if host_syncs is not None else None,
         "windows_images_per_sec": rates,
     }
 
@@ -324,42 +351,3 @@ def main(args) -> int:
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0
-
-
-def write_gpu_check_summary(folder: str | os.PathLike) -> dict:
-    """Write <folder>/summary.json for launch/gpu_check.sh: each benchmark's main figures, the training
-    run's epoch times, and each speed target of one H200 with the value measured and whether it is met."""
-    folder = Path(folder)
-    benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("benchmark-*.json"))}
-    train_file = folder / "train-metrics.json"
-    train = json.loads(train_file.read_text()) if train_file.exists() else {}
-    figures = ("trainer_images_per_sec", "model_images_per_sec", "trainer_over_model",
-               "torchvision_trainer_over_model", "pipeline_speedup", "mfu", "peak_memory_gib",
-               "host_syncs_per_trainer_step")
-    largest_batch = max((r["batch_size"] for r in benchmarks.values()), default=None)
-    best = max((r for r in benchmarks.values() if r["batch_size"] == largest_batch),
-               key=lambda r: r["trainer_images_per_sec"], default={})
-    epochs = train.get("epoch_seconds", [])
-
-    def target(value, met) -> dict:
-        return {"value": value, "met": value is not None and met(value)}
-
-    summary = {
-        "device_name": best.get("device_name"),
-        "benchmarks": {name: {key: r[key] for key in figures} for name, r in benchmarks.items()},
-        "train": {key: train.get(key) for key in ("world_size", "epoch_seconds", "train_images_per_sec",
-                                                  "test_acc", "mixed_precision")},
-        "targets": {  # for one H200 at bf16; the largest batch is 512 on a GPU
-            "trainer images/s >= 40000 at the largest batch": target(
-                best.get("trainer_images_per_sec"), lambda v: v >= 40_000),
-            "trainer_over_model >= 0.9 at the largest batch": target(
-                best.get("trainer_over_model"), lambda v: v >= 0.9),
-            "slowest epoch after the first <= 1.5 s": target(
-                max(epochs[1:]) if len(epochs) > 1 else None, lambda v: v <= 1.5),
-            "host-device syncs per trainer step <= 1 (the loop's stop check)": target(
-                best.get("host_syncs_per_trainer_step"), lambda v: v <= 1),
-        },
-    }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary["targets"], indent=2))
-    return summary

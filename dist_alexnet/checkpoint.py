@@ -1,4 +1,4 @@
-"""Checkpoints that survive anything, and the preemption signals that trigger the last one.
+"""Checkpoint files that survive anything: atomic saves, retention, the best one, safe loading.
 
 A checkpoint is complete or invisible: rank 0 writes it under a temporary name, fsyncs every file,
 then renames it to checkpoints/step_NNNNNN/. Old ones are deleted only after the new one is
@@ -10,7 +10,8 @@ best one by test accuracy is kept as well (checkpoints/best links to it).
       optimizer.pt         Adam state
       scaler.pt            GradScaler state (fp16 only)
       rng_states.pt        torch RNG states of every rank (gathered to rank 0)
-      trainer_state.json   step, epoch, sample position in the epoch, best test accuracy, config
+      trainer_state.json   the TrainState (step, epoch, sample position, best test accuracy, pending
+                           training sums), the world size, the config
 
 Loading never executes code from a file: safetensors for the weights, torch.load(weights_only=True)
 for the rest.
@@ -22,8 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import torch
@@ -227,63 +226,3 @@ def check_compatible(trainer_state: dict, signature: dict, path: Path) -> None:
     if different:
         raise CheckpointError(f"checkpoint {path} was made for a different model or data set: "
                               f"{', '.join(different)}; use another --output-dir or --resume none")
-
-
-# ----------------------------------------------------------------------------- preemption
-
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class PreemptionFlag:
-    """Notes that SIGTERM, SIGUSR1 or SIGINT arrived; the training loop polls it once per step.
-
-    Slurm sends SIGUSR1 (as asked with --signal) or SIGTERM before it stops a job; a first Ctrl-C
-    asks for the same clean stop, a second one interrupts at once.
-    """
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def install(self) -> PreemptionFlag:
-        for sig in PREEMPTION_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def slurm_job_id(env=os.environ) -> str | None:
-    """The id `scontrol requeue` needs: ARRAYJOB_TASK for an array task, else the job id."""
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
-
-
-def requeue_command(env=os.environ) -> list[str] | None:
-    job = slurm_job_id(env)
-    return ["scontrol", "requeue", job] if job else None
-
-
-def requeue_slurm_job(log) -> bool:
-    command = requeue_command()
-    if command is None:
-        log("not requeueing: not inside a Slurm job")
-        return False
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log(f"warning: {' '.join(command)} failed ({err}); resubmit the job to continue")
-        return False
-    if done.returncode != 0:
-        log(f"warning: {' '.join(command)} failed: {done.stderr.strip()}; resubmit the job to continue")
-        return False
-    log(f"requeued Slurm job {command[-1]}")
-    return True

@@ -10,7 +10,7 @@ import sys
 from dist_alexnet import __version__
 from dist_alexnet.checkpoint import CheckpointError
 from dist_alexnet.config import DATA_OPTIONS, ConfigError, add_arguments, config_from_args
-from dist_alexnet.data import DataError
+from dist_alexnet.datasets import DataError
 from dist_alexnet.report import ReportError
 
 # Errors that come from what the user handed us: one clear line and exit code 2, no traceback.
@@ -53,18 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="also write the results as one JSON object")
     bench.set_defaults(run=run_benchmark)
 
-    evaluate = commands.add_parser("evaluate", parents=[debug],
-                                   help="exact accuracy, loss, per-class accuracy and confusion matrix "
-                                   "of a checkpoint (one process, or many under `accelerate launch`)")
-    evaluate.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    evaluate = model_command(commands, debug, "evaluate", run_evaluate,
+                             "exact accuracy, loss, per-class accuracy and confusion matrix of a checkpoint (one "
+                             "process, or many under `accelerate launch`)")
     evaluate.add_argument("--split", choices=("test", "train"), default="test", help="(default: test)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     add_arguments(evaluate, only=DATA_OPTIONS)  # default: the values the checkpoint was trained with
-    evaluate.set_defaults(run=run_evaluate)
 
-    predict = commands.add_parser("predict", parents=[debug],
-                                  help="the classes of image files (PNG, JPEG, any PIL-readable image)")
-    predict.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    predict = model_command(commands, debug, "predict", run_predict,
+                            "the classes of image files (PNG, JPEG, any PIL-readable image)")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or directories of them")
     predict.add_argument("--invert", action="store_true",
                          help="Fashion-MNIST items are light objects on a dark background: invert photos of dark "
@@ -72,18 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
     predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     predict.add_argument("--json", action="store_true", help="print one JSON object instead of one line per image")
-    predict.set_defaults(run=run_predict)
 
-    export = commands.add_parser("export", parents=[debug],
-                                 help="weights-only model.safetensors and a JSON model card, "
-                                 "for predict/evaluate or other programs")
-    export.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    export = model_command(commands, debug, "export", run_export,
+                           "weights-only model.safetensors and a JSON model card, for predict/evaluate or other "
+                           "programs")
     export.add_argument("--out", required=True, help="directory to write model.safetensors and model_card.json to")
-    export.set_defaults(run=run_export)
 
     report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
     report.set_defaults(run=run_report)
+    return parser
+
+
+def model_command(commands, debug: argparse.ArgumentParser, name: str, run, help: str) -> argparse.ArgumentParser:
+    """A subcommand that works on a trained model: --checkpoint (and --debug) are its first options."""
+    parser = commands.add_parser(name, parents=[debug], help=help)
+    parser.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    parser.set_defaults(run=run)
     return parser
 
 
@@ -163,12 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as err:
-        if getattr(args, "debug", False):
-            raise
-        lines = str(err).splitlines() or [type(err).__name__]
-        for line in lines:
-            print(f"dist-alexnet: error: {line}", file=sys.stderr)
-        return 2
+        return report_error(err, args, code=2)
+    except Exception as err:
+        from dist_alexnet.distributed import RankFailed  # imported only once something failed: keep start-up fast
+
+        if isinstance(err, RankFailed):  # another rank printed the traceback; here one line
+            return report_error(err, args, code=1)
+        raise
+
+
+def report_error(err: Exception, args: argparse.Namespace, code: int) -> int:
+    """One `dist-alexnet: error:` line per line of the message (the full traceback with --debug)."""
+    if getattr(args, "debug", False):
+        raise err
+    lines = str(err).splitlines() or [type(err).__name__]
+    # one write: the lines of several ranks sharing a pipe do not interleave (print writes the newline apart)
+    sys.stderr.write("".join(f"dist-alexnet: error: {line}\n" for line in lines))
+    sys.stderr.flush()
+    return code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from io import BytesIO
 
 import torch
 
-from dist_alexnet.data import CLASS_NAMES
+from dist_alexnet.datasets import CLASS_NAMES
 
 CHANCE_LOSS = math.log(len(CLASS_NAMES))  # cross-entropy of a uniform guess: ln(10) = 2.303
 CHANCE_ACC = 1 / len(CLASS_NAMES)
@@ -111,23 +111,24 @@ def _finish(ax, title: str, ylabel: str) -> None:
 
 
 def loss_figure(train: Series, test: Series | None):
-    fig = new_figure(7, 4)
-    ax = fig.subplots()
-    _plot(ax, train, "training loss")
-    _plot(ax, test, "test loss", marker="o")
-    ax.axhline(CHANCE_LOSS, color="gray", linestyle=":", linewidth=1, label="chance (ln 10)")
-    _finish(ax, "cross-entropy loss", "loss")
-    return fig
+    return _train_and_test_figure(train, test, "loss", CHANCE_LOSS, "chance (ln 10)", "cross-entropy loss")
 
 
 def accuracy_figure(train: Series, test: Series | None):
+    fig = _train_and_test_figure(train, test, "accuracy", CHANCE_ACC, "chance (10%)", "accuracy")
+    fig.axes[0].set_ylim(0, 1)
+    return fig
+
+
+def _train_and_test_figure(train: Series, test: Series | None, what: str, chance: float, chance_label: str,
+                           title: str):
+    """Training values as a line, test values as points, chance level dotted."""
     fig = new_figure(7, 4)
     ax = fig.subplots()
-    _plot(ax, train, "training accuracy")
-    _plot(ax, test, "test accuracy", marker="o")
-    ax.axhline(CHANCE_ACC, color="gray", linestyle=":", linewidth=1, label="chance (10%)")
-    ax.set_ylim(0, 1)
-    _finish(ax, "accuracy", "accuracy")
+    _plot(ax, train, f"training {what}")
+    _plot(ax, test, f"test {what}", marker="o")
+    ax.axhline(chance, color="gray", linestyle=":", linewidth=1, label=chance_label)
+    _finish(ax, title, what)
     return fig
 
 

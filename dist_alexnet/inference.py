@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from dist_alexnet.checkpoint import (CheckpointError, best_checkpoint, list_checkpoints, load_model_state,
                                      read_trainer_state)
 from dist_alexnet.config import ConfigError, TrainConfig, cuda_usable
-from dist_alexnet.data import CLASS_NAMES, MEAN, STD, to_model_input
+from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
+from dist_alexnet.inputs import to_model_input
 from dist_alexnet.model import AlexNet, count_parameters
 
 MODEL_CARD = "model_card.json"
@@ -124,8 +125,9 @@ def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:
 def evaluate_checkpoint(checkpoint: str, split: str, overrides: dict) -> dict | None:
     """Exact accuracy and loss of a checkpoint on a split, in one process or many (`accelerate launch`).
     Returns the results on rank 0, None on the other ranks."""
-    from dist_alexnet.data import make_loader
-    from dist_alexnet.train import evaluate, load_data_on_every_rank, make_accelerator
+    from dist_alexnet.distributed import load_data_on_every_rank, make_accelerator
+    from dist_alexnet.inputs import make_loader
+    from dist_alexnet.steps import evaluate
 
     trained = load_trained_model(checkpoint, log=lambda message: print(message, file=sys.stderr))
     cfg = evaluation_config(trained, overrides)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_alexnet.data import CLASS_NAMES
+from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.figures import accuracy_figure, loss_figure, throughput_figure, to_png
 from dist_alexnet.monitor import class_tag
 

@@ -10,7 +10,7 @@
 # Without CUDA the same steps run at toy sizes on the CPU (the tests do that): it proves the script, not
 # the speed. Exit status: 0 when every step ran, 1 otherwise (unmet targets show in summary.json).
 set -uo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${GPU_CHECK_DIR:-./gpu-check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -23,9 +23,9 @@ if [ "$GPUS" -gt 0 ]; then
     BATCHES=(512 256)
     TRAIN=(--synthetic-train-size 60000 --synthetic-test-size 10000 --log-every 20)
     if [ "$GPUS" -gt 1 ]; then
-        LAUNCH=(accelerate launch --config_file "$HERE/accelerate/one_node.yaml" --num_processes "$GPUS")
+        LAUNCH=(accelerate launch --config_file "$REPO/launch/accelerate/one_node.yaml" --num_processes "$GPUS")
     else
-        LAUNCH=(accelerate launch --config_file "$HERE/accelerate/one_gpu.yaml")
+        LAUNCH=(accelerate launch --config_file "$REPO/launch/accelerate/one_gpu.yaml")
     fi
     LAUNCH+=(-m dist_alexnet.cli)
 else
@@ -59,13 +59,12 @@ bench() {  # bench BATCH [--compile]
 }
 bench "${BATCHES[0]}"
 rm -rf "$OUT/train-run"
-step train "${LAUNCH[@]}" train --config "$HERE/configs/best.yaml" --dataset synthetic "${TRAIN[@]}" --epochs 3 \
+step train "${LAUNCH[@]}" train --config "$REPO/launch/configs/best.yaml" --dataset synthetic "${TRAIN[@]}" --epochs 3 \
     --data-dir "$OUT/data" --output-dir "$OUT/train-run" --resume none
 cp "$OUT/train-run/metrics.json" "$OUT/train-metrics.json" 2>/dev/null
 for batch in "${BATCHES[@]:1}"; do bench "$batch"; done
 for batch in "${BATCHES[@]}"; do bench "$batch" --compile; done
 
-"$PYTHON" -c 'import sys; from dist_alexnet.benchmark import write_gpu_check_summary; write_gpu_check_summary(sys.argv[1])' \
-    "$OUT" || failed=1
+"$PYTHON" "$REPO/scripts/gpu_check_summary.py" "$OUT" || failed=1
 echo "results: $OUT"
 exit $failed

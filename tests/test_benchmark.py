@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 
+import pytest
+
 from dist_alexnet.benchmark import forward_macs, model_forward_macs
 from dist_alexnet.cli import main
 from dist_alexnet.model import AlexNet
@@ -75,10 +77,11 @@ def test_benchmark_input_errors_are_one_line_each(capsys):
                      "1x1 before pooling (got 32)"]
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     folder = tmp_path / "check"
     env = cpu_env(GPU_CHECK_DIR=folder, PYTHON=BIN / "python", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["bash", str(REPO / "launch/gpu_check.sh")], capture_output=True, text=True,
+    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh")], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "toy sizes on the CPU" in result.stdout

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from dist_alexnet.data import (IDX_FILES, MEAN, STD, DataError, EpochOrder, load_split, make_synthetic,
-                               read_idx, synthetic_samples, to_model_input, write_idx)
+from dist_alexnet.datasets import (IDX_FILES, MEAN, STD, DataError, load_split, make_synthetic, read_idx,
+                                   synthetic_samples, write_idx)
+from dist_alexnet.inputs import EpochOrder, to_model_input
+from tests.helpers import corrupt_count, corrupt_label, corrupt_magic, corrupt_shape, corrupt_truncate
 
 
 def small_dataset(root, n=20, labels=None):
@@ -29,36 +31,6 @@ def test_load_split_reads_through_torchvision(tmp_path):
     split = load_split(tmp_path, train=True, download=False)
     assert split.images.shape == (20, 28, 28) and split.images.dtype == torch.uint8
     assert split.labels.tolist() == [i % 10 for i in range(20)]
-
-
-def corrupt_truncate(raw):
-    f = raw / "train-images-idx3-ubyte"
-    f.write_bytes(f.read_bytes()[:-100])
-    return f, "truncated"
-
-
-def corrupt_magic(raw):
-    f = raw / "train-images-idx3-ubyte"
-    f.write_bytes(b"\x1f\x8b" + f.read_bytes()[2:])
-    return f, "magic"
-
-
-def corrupt_count(raw):
-    f = raw / "train-labels-idx1-ubyte"
-    write_idx(f, torch.zeros(19, dtype=torch.uint8))
-    return f, "19 labels for 20 images"
-
-
-def corrupt_label(raw):
-    f = raw / "train-labels-idx1-ubyte"
-    write_idx(f, torch.tensor([0] * 19 + [10], dtype=torch.uint8))
-    return f, "label 10"
-
-
-def corrupt_shape(raw):
-    f = raw / "train-images-idx3-ubyte"
-    write_idx(f, torch.zeros(20, 32, 32, dtype=torch.uint8))
-    return f, "28x28"
 
 
 @pytest.mark.parametrize("corrupt", [corrupt_truncate, corrupt_magic, corrupt_count, corrupt_label, corrupt_shape])

@@ -1,7 +1,11 @@
 """DDP options reach PyTorch's DDP wrapper in a real 2-process run: bucket size, gradient_as_bucket_view,
 and the bf16 gradient-compression hook (which changes the weights, and keeps the ranks in step)."""
 
+import pytest
+
 from tests.helpers import metrics, train_tiny
+
+pytestmark = pytest.mark.slow  # two 2-process runs
 
 
 def test_ddp_options_are_passed_to_ddp(tmp_path, data_dir):

@@ -2,19 +2,22 @@
 
 import subprocess
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 
-from dist_alexnet.data import SYNTHETIC_SEED, load_split, synthetic_root, to_model_input
+from dist_alexnet.inputs import to_model_input
 from dist_alexnet.model import AlexNet
-from tests.helpers import BIN, REPO, TINY, cpu_env, free_port, metrics, scalars, train_tiny
+from tests.helpers import (BIN, REPO, TEST_SAMPLES, WIDTH, cpu_env, free_port, metrics, scalars, steps_per_epoch,
+                           tiny_args, tiny_split, train_tiny)
 
 
 def single_process_correct(checkpoint, data_dir) -> int:
     """The number of test samples a plain, single-process evaluation of the checkpoint gets right."""
-    model = AlexNet(width=0.125).eval()
+    model = AlexNet(width=WIDTH).eval()
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    test = load_split(synthetic_root(data_dir, 1024, 101, SYNTHETIC_SEED), train=False, download=False)
+    test = tiny_split(data_dir)
     with torch.no_grad():
         predictions = model(to_model_input(test.images, 64)).argmax(1)
     return int((predictions == test.labels).sum())
@@ -26,8 +29,8 @@ def test_two_process_run_is_one_ddp_job_with_exact_evaluation(tmp_path, data_dir
     result = train_tiny(run_dir, data_dir, "--epochs", "2", processes=2)
     m = metrics(run_dir)
     assert m["world_size"] == 2 and m["distributed_type"] == "MULTI_CPU"
-    assert m["steps"] == 2 * (1024 // (2 * 32))
-    assert m["test_samples"] == 101
+    assert m["steps"] == 2 * steps_per_epoch(2)
+    assert m["test_samples"] == TEST_SAMPLES
     final = run_dir / "checkpoints" / f"step_{m['steps']:06d}"
     assert m["test_correct"] == single_process_correct(final, data_dir)
 
@@ -39,13 +42,14 @@ def test_two_process_run_is_one_ddp_job_with_exact_evaluation(tmp_path, data_dir
     assert len(m["param_checksums"]) == 2 and m["param_checksums"][0] == m["param_checksums"][1]
 
 
+@pytest.mark.slow
 def test_launch_config_file_for_two_cpu_processes(tmp_path, data_dir):
     """launch/accelerate/cpu_2proc.yaml starts two processes that join one job."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", str(free_port()), "-m", "dist_alexnet.cli", "train", *TINY,
-           "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "3"]
+           "--main_process_port", str(free_port()), "-m", "dist_alexnet.cli", "train",
+           *tiny_args(data_dir, tmp_path / "run", "--max-steps", "3")]
     env = cpu_env()
     env.pop("ACCELERATE_USE_CPU")  # the trainer itself falls back to the CPU when CUDA is absent
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
     m = metrics(tmp_path / "run")
-    assert m["world_size"] == 2 and m["steps"] == 3 and m["test_samples"] == 101
+    assert m["world_size"] == 2 and m["steps"] == 3 and m["test_samples"] == TEST_SAMPLES

@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -16,36 +15,14 @@ import torch
 
 from dist_alexnet.checkpoint import half_written, list_checkpoints, load_checkpoint
 from dist_alexnet.monitor import loss_scale_note
-from tests.helpers import REPO, TINY, command, cpu_env, train_tiny
+from tests.helpers import TINY, cpu_env, run, tiny_args, train_tiny
 
 ERROR = "dist-alexnet: error: "
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(proc.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
 def launch(args: list[str], processes: int, timeout: float = 180, env: dict | None = None):
-    """Run the command line (under `accelerate launch` when processes > 1). A run still going after
-    `timeout` seconds fails the test as a hang, and its workers (each in its own session) are killed too."""
-    proc = subprocess.Popen(command(args, processes), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or cpu_env(), cwd=REPO)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"still running after {timeout} s: a hang\n{out[-3000:]}\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    """The command line, under `accelerate launch` when processes > 1; a hang fails the test."""
+    return run(args, processes=processes, timeout=timeout, check=False, env=env)
 
 
 def errors(result) -> list[str]:
@@ -66,7 +43,7 @@ def assert_clean_failure(result, processes: int, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_missing_data_without_download_stops_every_rank_with_one_line(tmp_path, processes):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -77,12 +54,12 @@ def test_missing_data_without_download_stops_every_rank_with_one_line(tmp_path, 
     assert "drop --no-download" in message and "--dataset synthetic" in message
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_output_dir_below_a_file_is_refused_before_any_work(tmp_path, processes):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     run_dir, data_dir = blocker / "run", tmp_path / "data"
-    result = launch([*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir)], processes, timeout=120)
+    result = launch(tiny_args(data_dir, run_dir), processes, timeout=120)
     message = assert_clean_failure(result, processes)
     assert message == (f"output directory {run_dir} is not writable ({blocker} is a file, not a directory); "
                        f"choose another --output-dir")
@@ -99,10 +76,8 @@ def test_read_only_output_dir_is_refused(tmp_path, data_dir):
     parent = tmp_path / "read-only"
     parent.mkdir()
     parent.chmod(0o500)
-    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(parent / "run")]
     try:
-        result = subprocess.run(prefix + command(args), capture_output=True, text=True, env=cpu_env(), cwd=REPO,
-                                timeout=120)
+        result = run(tiny_args(data_dir, parent / "run"), timeout=120, check=False, prefix=prefix)
     finally:
         parent.chmod(0o700)
     message = assert_clean_failure(result, 1)
@@ -141,12 +116,11 @@ def small_disk(tmp_path):
         yield mount_point
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_disk_full_while_checkpointing_names_the_checkpoint_and_keeps_the_previous(small_disk, data_dir,
                                                                                   processes):
     run_dir = small_disk / "run"
-    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--checkpoint-every", "5",
-            "--max-steps", "15"]
+    args = tiny_args(data_dir, run_dir, "--checkpoint-every", "5", "--max-steps", "15")
     message = assert_clean_failure(launch(args, processes), processes)
     previous = run_dir / "checkpoints" / "step_000005"
     assert message == (f"could not write checkpoint {run_dir / 'checkpoints' / 'step_000010'} (No space left on "
@@ -174,15 +148,14 @@ def test_full_disk_is_refused_at_start(small_disk, data_dir):
     assert list(run_dir.iterdir()) == []  # the probe file is gone
 
 
+@pytest.mark.slow
 def test_tensorboard_on_a_full_disk_is_a_warning_then_the_checkpoint_stops_every_rank(tmp_path, data_dir):
     """Only rank 0 writes events: a failed write turns TensorBoard off (one warning) rather than stopping rank 0
     alone; training goes on, and the first checkpoint that cannot be written stops both ranks."""
     mount_point = tmp_path / "disk"
     with mounted_tmpfs(mount_point, "64k"):  # room for config.yaml and the first events, not for the input grid
         run_dir = mount_point / "run"
-        args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--checkpoint-every", "5",
-                "--log-every", "1"]
-        result = launch(args, 2)
+        result = launch(tiny_args(data_dir, run_dir, "--checkpoint-every", "5", "--log-every", "1"), 2)
         message = assert_clean_failure(result, 2)
         assert message == (f"could not write checkpoint {run_dir / 'checkpoints' / 'step_000005'} (No space left on "
                            f"device); no earlier checkpoint exists; free space or choose another --output-dir")
@@ -193,10 +166,11 @@ def test_tensorboard_on_a_full_disk_is_a_warning_then_the_checkpoint_stops_every
         assert half_written(run_dir) == []
 
 
+@pytest.mark.slow
 def test_results_that_cannot_be_written_end_every_rank_with_one_line(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     (run_dir / "metrics.json").mkdir(parents=True)  # stands for any write failure at the end (a full disk)
-    result = launch([*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--max-steps", "3"], 2)
+    result = launch(tiny_args(data_dir, run_dir, "--max-steps", "3"), 2)
     message = assert_clean_failure(result, 2)
     assert message == (f"could not write {run_dir / 'metrics.json'} (Is a directory); training finished and its "
                        f"final checkpoint is saved: free space, then rerun with --output-dir {run_dir} --resume auto "
@@ -206,10 +180,10 @@ def test_results_that_cannot_be_written_end_every_rank_with_one_line(tmp_path, d
 
 # ----------------------------------------------------------------------------- non-finite values
 
+@pytest.mark.slow
 def test_nan_on_rank_1_only_stops_both_ranks_at_that_step(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--checkpoint-every", "5",
-            "--log-every", "1"]
+    args = tiny_args(data_dir, run_dir, "--checkpoint-every", "5", "--log-every", "1")
     result = launch(args, 2, env=cpu_env(DIST_ALEXNET_INJECT_NAN="1:8"))
     message = assert_clean_failure(result, 2)  # each rank printed it: both stopped at step 8
     good = run_dir / "checkpoints" / "step_000005"
@@ -240,22 +214,22 @@ def test_fp16_gradient_overflow_is_reported_not_fatal(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     from dist_alexnet.config import TrainConfig
+    from dist_alexnet.model import build_model
     from dist_alexnet.monitor import Monitor
-    from dist_alexnet.train import make_model_and_optimizer
+    from dist_alexnet.optimization import make_optimizer
 
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     cfg = TrainConfig(model_width=0.125, image_size=64, log_every=1, mixed_precision="fp16")
     accelerator = Accelerator(mixed_precision="fp16", log_with="tensorboard", project_dir=str(tmp_path))
     accelerator.init_trackers("tensorboard")
-    model, optimizer = accelerator.prepare(*make_model_and_optimizer(cfg, accelerator.device))
+    model = build_model(cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(model, make_optimizer(cfg, model))
     notes = []
-    monitor = Monitor(accelerator, cfg, tmp_path, model, optimizer, total_steps=2, log=notes.append)
+    monitor = Monitor(accelerator, cfg, start_step=0, log=notes.append)
     inputs = torch.randn(8, 1, 64, 64, device=accelerator.device)
     labels = torch.randint(0, 10, (8,), device=accelerator.device)
     values = {"train/loss": 2.3, "train/acc": 0.1}
     for step, overflow in ((1, True), (2, False)):
-        batch = (torch.zeros(8, 28, 28, dtype=torch.uint8, device=accelerator.device), labels, torch.arange(8))
-        monitor.before_step(step, batch, 0)
         with accelerator.autocast():
             loss = F.cross_entropy(model(inputs), labels)
         accelerator.backward(loss)

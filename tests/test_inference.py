@@ -12,26 +12,18 @@ import pytest
 from PIL import Image
 
 from dist_alexnet.checkpoint import list_checkpoints
-from dist_alexnet.data import CLASS_NAMES, IDX_FILES, read_idx, synthetic_root, SYNTHETIC_SEED
+from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.inference import read_image
-from tests.helpers import metrics, run, train_tiny
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir) -> Path:
-    """A tiny 1-process run of 2 epochs; its final checkpoint is the one metrics.json describes."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    train_tiny(run_dir, data_dir, "--epochs", "2")
-    return run_dir
+from tests.helpers import metrics, run, tiny_split, train_tiny
 
 
 def final_checkpoint(run_dir: Path) -> Path:
     return list_checkpoints(run_dir)[-1]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_evaluate_equals_the_runs_final_metrics(processes, trained, data_dir, tmp_path):
-    run_dir = trained
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_evaluate_equals_the_runs_final_metrics(processes, trained_run, data_dir, tmp_path):
+    run_dir = trained_run
     if processes == 2:  # trained and evaluated by two processes
         run_dir = tmp_path / "run"
         train_tiny(run_dir, data_dir, "--epochs", "1", processes=2)
@@ -51,17 +43,18 @@ def test_evaluate_equals_the_runs_final_metrics(processes, trained, data_dir, tm
     assert "confusion matrix" in table and "Ankle boot" in table and "accuracy" in table
 
 
-def test_evaluate_the_train_split_counts_every_training_sample(trained):
-    run_dir = trained
+def test_evaluate_the_train_split_counts_every_training_sample(trained_run):
+    run_dir = trained_run
     result = run(["--checkpoint", str(final_checkpoint(run_dir)), "--split", "train", "--limit-train", "300",
                   "--json"], subcommand="evaluate")
     evaluated = json.loads(result.stdout)
     assert evaluated["split"] == "train" and evaluated["test_samples"] == 300
 
 
-def test_predict_reproduces_the_runs_accuracy_from_png_files(trained, data_dir, tmp_path):
-    run_dir = trained
-    images, labels = synthetic_test_split(data_dir)
+def test_predict_reproduces_the_runs_accuracy_from_png_files(trained_run, data_dir, tmp_path):
+    run_dir = trained_run
+    test = tiny_split(data_dir)
+    images, labels = test.images, test.labels
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, image in enumerate(images):
@@ -87,9 +80,9 @@ def test_predict_reproduces_the_runs_accuracy_from_png_files(trained, data_dir, 
     assert evaluated["test_acc"] == metrics(run_dir)["test_acc"]
 
 
-def test_predict_reads_png_and_jpeg_in_any_mode_and_size(trained, data_dir, tmp_path):
-    run_dir = trained
-    item = synthetic_test_split(data_dir)[0][0].numpy()
+def test_predict_reads_png_and_jpeg_in_any_mode_and_size(trained_run, data_dir, tmp_path):
+    run_dir = trained_run
+    item = tiny_split(data_dir).images[0].numpy()
     files = write_variants(item, tmp_path)
     result = run(["--checkpoint", str(run_dir), "--json", "--top-k", "2", *map(str, files)], subcommand="predict")
     out = json.loads(result.stdout)
@@ -146,13 +139,6 @@ def test_read_image_matches_fashion_mnist_polarity(tmp_path):
 
 
 def test_synthetic_idx_round_trips_through_png(data_dir, tmp_path):
-    images, _ = synthetic_test_split(data_dir)
+    images = tiny_split(data_dir).images
     Image.fromarray(images[3].numpy(), mode="L").save(tmp_path / "item.png")
     assert (read_image(tmp_path / "item.png") == images[3]).all()
-
-
-def synthetic_test_split(data_dir: Path):
-    raw = synthetic_root(data_dir, 1024, 101, SYNTHETIC_SEED) / "FashionMNIST" / "raw"
-    images_file, labels_file = (raw / name for name in IDX_FILES[False])
-    return read_idx(images_file, 3), read_idx(labels_file, 1)
-

@@ -7,8 +7,10 @@ import subprocess
 
 import pytest
 
-from tests.helpers import BIN, REPO, TINY, cpu_env, free_port, metrics, train_tiny
+from tests.helpers import BIN, REPO, TEST_SAMPLES, cpu_env, free_port, metrics, run_process, tiny_args, train_tiny
 from tests.test_distributed import single_process_correct
+
+pytestmark = pytest.mark.slow  # torchrun and two-machine launches
 
 STEPS = ["--max-steps", "3"]
 
@@ -24,7 +26,7 @@ def reference(tmp_path_factory, data_dir):
 def check_one_job(run_dir, data_dir, reference):
     m = metrics(run_dir)
     assert m["world_size"] == 2 and m["distributed_type"] == "MULTI_CPU"
-    assert m["steps"] == 3 and m["test_samples"] == 101
+    assert m["steps"] == 3 and m["test_samples"] == TEST_SAMPLES
     assert m["test_correct"] == single_process_correct(run_dir / "checkpoints" / "step_000003", data_dir)
     # the same DDP job as the standard launch: same ranks, same data shards, same all-reduced gradients
     assert m["param_checksums"] == reference["param_checksums"]
@@ -34,9 +36,8 @@ def check_one_job(run_dir, data_dir, reference):
 def test_torchrun_two_processes_form_one_job(tmp_path, data_dir, reference):
     run_dir = tmp_path / "run"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "dist_alexnet.cli", "train", *TINY,
-           "--data-dir", str(data_dir), "--output-dir", str(run_dir), *STEPS]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), cwd=REPO, timeout=300)
+           "--master_port", str(free_port()), "-m", "dist_alexnet.cli", "train", *tiny_args(data_dir, run_dir, *STEPS)]
+    result = run_process(cmd, cpu_env(), REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     check_one_job(run_dir, data_dir, reference)
 
@@ -49,8 +50,7 @@ def test_two_machines_meet_at_the_head_and_form_one_job(tmp_path, data_dir, refe
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/accelerate/multi_node.yaml"),
                "--num_machines", "2", "--machine_rank", str(machine_rank), "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
-               "-m", "dist_alexnet.cli", "train", *TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir),
-               *STEPS]
+               "-m", "dist_alexnet.cli", "train", *tiny_args(data_dir, run_dir, *STEPS)]
         launchers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                           env=cpu_env(), cwd=REPO))
     try:

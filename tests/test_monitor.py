@@ -6,7 +6,6 @@ the first tests (module-scoped fixture)."""
 import json
 import math
 import re
-import signal
 import subprocess
 import time
 import urllib.request
@@ -14,17 +13,16 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
-from dist_alexnet.cli import main
-from dist_alexnet.data import CLASS_NAMES, SYNTHETIC_SEED, load_split, synthetic_root
+from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.monitor import CUDA_ONLY_TAGS, FP16_ONLY_TAGS, TAGS, WARNING_TAGS, class_tag
 from dist_alexnet.report import write_report
-from tests.helpers import BIN, REPO, cpu_env, free_port, metrics, run, train_tiny
+from tests.helpers import (BIN, LOG_EVERY, REPO, cpu_env, events, free_port, metrics, run, steps_per_epoch,
+                           stop, tiny_split, train_tiny)
 
-STEPS, LOG_EVERY = 2 * 1024 // (2 * 32), 4  # 2 epochs, 2 processes x batch 32, TINY's --log-every
+STEPS = 2 * steps_per_epoch(2)  # 2 epochs, 2 processes
 IMAGE_TAGS = {"inputs/train_batch", "test/confusion_matrix", "test/class_accuracy", "test/misclassified"}
 TEXT_TAGS = {"run/config", "run/command", "run/launcher", "run/summary"}
 
@@ -35,12 +33,6 @@ def tiny_run(tmp_path_factory, data_dir):
     run_dir = tmp_path_factory.mktemp("monitor") / "run"
     result = train_tiny(run_dir, data_dir, "--epochs", "2", "--augment", "--log-figures", processes=2)
     return run_dir, result.stdout
-
-
-def read_events(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def expected_scalar_tags() -> set[str]:
@@ -59,7 +51,7 @@ def test_event_file_holds_every_tag_written_by_one_process(tiny_run, data_dir):
     assert len(list((run_dir / "tensorboard").iterdir())) == 1
     assert stdout.count("report: ") == 1
 
-    acc = read_events(run_dir)
+    acc = events(run_dir)
     tags = acc.Tags()
     assert set(tags["scalars"]) == expected_scalar_tags()
     assert set(tags["images"]) == IMAGE_TAGS
@@ -89,7 +81,7 @@ def test_event_file_holds_every_tag_written_by_one_process(tiny_run, data_dir):
     assert 0 <= last["perf/data_wait_fraction"] <= 1 and last["perf/step_time_ms"] > 0
     assert last["perf/images_per_sec_per_device"] * 2 == pytest.approx(last["perf/images_per_sec"], rel=1e-5)
     # per-class accuracies, weighted by the number of test images of each class, give the overall accuracy
-    test = load_split(synthetic_root(data_dir, 1024, 101, SYNTHETIC_SEED), train=False, download=False)
+    test = tiny_split(data_dir)
     per_class = [last[class_tag(name)] for name in CLASS_NAMES]
     sizes = test.labels.bincount(minlength=10).tolist()
     assert sum(a * n for a, n in zip(per_class, sizes)) / len(test) == pytest.approx(m["test_acc"], rel=1e-6)
@@ -102,10 +94,15 @@ def test_event_file_holds_every_tag_written_by_one_process(tiny_run, data_dir):
     assert session.hparams["dataset"].string_value == "synthetic"
 
 
+# Straight to the local server: no proxy, whatever the environment says (or said when urllib's shared
+# opener was first built).
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def get_json(url: str, body: dict | None = None):
     request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
                                      headers={"X-XSRF-Protected": "1", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with LOCAL.open(request, timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -153,12 +150,7 @@ def test_a_real_tensorboard_server_serves_the_run(tiny_run, tmp_path):
         assert images["tensorboard"]["test/confusion_matrix"]["samples"] >= 1
         assert TEXT_TAGS <= set(get_json(f"{base}/data/plugin/text/tags")["tensorboard"])
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
 
 
 def report_links(report: Path) -> list[Path]:
@@ -209,10 +201,10 @@ def test_report_command_rebuilds_the_report_from_the_event_files(tiny_run, tmp_p
     assert all(png.exists() for png in report_links(run_dir / "report.md"))
 
 
-
-def test_report_of_a_directory_without_events_is_a_one_line_error(tmp_path, capsys):
-    assert main(["report", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
+def test_report_of_a_directory_without_events_is_a_one_line_error(tmp_path):
+    result = run([str(tmp_path)], subcommand="report", check=False)
+    assert result.returncode == 2
+    err = result.stderr
     assert err.startswith("dist-alexnet: error: ") and "no TensorBoard event files" in err
     assert len(err.splitlines()) == 1
 
@@ -224,7 +216,7 @@ def test_divergence_is_reported_in_the_log_and_in_tensorboard(tmp_path, data_dir
     warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING: training diverged")]
     assert len(warnings) == 1, result.stdout
     assert "learning rate is too high for Adam (--lr 1)" in warnings[0]
-    assert "warnings/divergence" in read_events(run_dir).Tags()["tensors"]
+    assert "warnings/divergence" in events(run_dir).Tags()["tensors"]
     assert "learning rate is too high for Adam" in (run_dir / "report.md").read_text()
 
 
@@ -233,7 +225,7 @@ def test_a_non_finite_loss_is_explained_in_tensorboard(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     result = train_tiny(run_dir, data_dir, "--epochs", "1", check=False, env=cpu_env(DIST_ALEXNET_INJECT_NAN="0:6"))
     assert result.returncode == 3, result.stderr[-3000:]
-    acc = read_events(run_dir)
+    acc = events(run_dir)
     (event,) = acc.Tensors("warnings/divergence")
     message = tensor_util.make_ndarray(event.tensor_proto).item().decode()
     assert event.step == 6 and "NaN/inf at step 6" in message and "too high for Adam" in message

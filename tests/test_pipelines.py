@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_alexnet.augment import PAD, crop_flip
 from dist_alexnet.config import ConfigError, TrainConfig
-from dist_alexnet.data import MEAN, STD, Split, make_loader, to_model_input, training_input
+from dist_alexnet.datasets import MEAN, STD, Split
+from dist_alexnet.inputs import PAD, crop_flip, make_loader, to_model_input, training_input
 
 # PIL resizes in fixed point and rounds its output to 8 bits: the pipelines differ by up to 1/255 of
 # the [0, 1] range per pixel (measured: max exactly 1/255, mean about 0.3/255), i.e. 1 / (255 * STD)

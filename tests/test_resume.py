@@ -7,7 +7,6 @@ import pickle
 import random
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_alexnet.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, requeue_command
-from tests.helpers import TINY, command, cpu_env, metrics, run, scalars, train_tiny
-
-STEPS_PER_EPOCH = {1: 1024 // 32, 2: 1024 // 64}
+from dist_alexnet.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from dist_alexnet.preemption import requeue_command
+from tests.helpers import (TRAIN_SAMPLES, cpu_env, metrics, run, scalars, start, steps_per_epoch, tiny_args,
+                           train_tiny, truncate, wait_for_line, worker_pids)
 
 
 def final_weights(run_dir):
@@ -54,9 +53,9 @@ def forget_rng(checkpoint: Path):
                checkpoint / "rng_states.pt")
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, processes):
-    stop = STEPS_PER_EPOCH[processes] + 7  # mid-epoch, in the second epoch
+    stop = steps_per_epoch(processes) + 7  # mid-epoch, in the second epoch
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train_tiny(whole, data_dir, "--epochs", "2", "--log-every", "1", processes=processes)
     train_tiny(cut, data_dir, "--epochs", "2", "--log-every", "1", "--max-steps", str(stop), processes=processes)
@@ -86,6 +85,7 @@ def samples_seen(log_dir: Path, epoch: int) -> list[int]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before, after, stop", [(2, 1, 16 + 5), (1, 2, 32 + 8)])
 def test_resume_on_another_world_size_sees_each_sample_once(tmp_path, data_dir, before, after, stop):
     run_dir, log_dir = tmp_path / "run", tmp_path / "samples"
@@ -94,28 +94,34 @@ def test_resume_on_another_world_size_sees_each_sample_once(tmp_path, data_dir, 
     result = train_tiny(run_dir, data_dir, "--epochs", "2", processes=after, env=env)
     assert "resumed from" in result.stdout and f"step {stop}" in result.stdout
     # Epoch index 1 was split between the two world sizes: every sample exactly once.
-    assert sorted(samples_seen(log_dir, 1)) == list(range(1024))
-    assert sorted(samples_seen(log_dir, 0)) == list(range(1024))
+    assert sorted(samples_seen(log_dir, 1)) == list(range(TRAIN_SAMPLES))
+    assert sorted(samples_seen(log_dir, 0)) == list(range(TRAIN_SAMPLES))
     state = json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["world_size"] == after
 
 
+@pytest.mark.slow
 def test_kill_9_while_checkpointing_always_resumes_from_a_committed_checkpoint(tmp_path, data_dir):
-    """Checkpoint every step, kill -9 at random moments, restart: never a crash on a partial checkpoint."""
+    """Checkpoint every step, kill -9 at random moments and in the middle of writing a checkpoint, restart: never
+    a crash on a partial checkpoint, and each restart resumes from the newest committed one."""
     run_dir = tmp_path / "run"
-    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--epochs", "3",
-            "--checkpoint-every", "1", "--log-every", "1", "--keep-checkpoints", "2"]
+    args = tiny_args(data_dir, run_dir, "--epochs", "3", "--checkpoint-every", "1", "--log-every", "1",
+                     "--keep-checkpoints", "2")
     rng = random.Random(0)
-    trials, mid_write, recovered = 10, 0, 0
+    trials, mid_write, recovered = 4, 0, 0
     for trial in range(trials):
         committed = [p.name for p in list_checkpoints(run_dir)]
-        proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=cpu_env())
-        # wait until this process has saved at least once, then kill it at a random moment
+        proc = start(args)
+        # wait until this process has saved at least once, then kill it: at a random moment (even trials), or as
+        # soon as it is writing its next checkpoint (odd trials)
         deadline = time.time() + 120
         while time.time() < deadline and [p.name for p in list_checkpoints(run_dir)] == committed:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.3))
+        if trial % 2:
+            while time.time() < deadline and not list((run_dir / "checkpoints").glob(".tmp-*")):
+                time.sleep(0.002)
+        else:
+            time.sleep(rng.uniform(0, 0.3))
         proc.send_signal(signal.SIGKILL)
         out = proc.communicate(timeout=60)[0]
         assert "Traceback" not in out, out[-3000:]
@@ -125,52 +131,22 @@ def test_kill_9_while_checkpointing_always_resumes_from_a_committed_checkpoint(t
         mid_write += bool(list((run_dir / "checkpoints").glob(".tmp-*")))
     final = run(args, timeout=300)
     assert "resumed from" in final.stdout
-    assert metrics(run_dir)["steps"] == 3 * 32
+    assert metrics(run_dir)["steps"] == 3 * steps_per_epoch()
     steps = [s for s, _ in scalars(run_dir, "train/loss")]
-    assert steps == list(range(1, 3 * 32 + 1))  # no step lost or repeated in TensorBoard across restarts
+    assert steps == list(range(1, 3 * steps_per_epoch() + 1))  # no step lost or repeated in TensorBoard
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert mid_write >= 1  # the interesting case happened at least once
     print(f"kill -9 trials: {trials}, recovered: {recovered}/{trials - 1} restarts + final, "
           f"killed mid-write: {mid_write}")
 
 
-def worker_pids(launcher_pid: int) -> dict[int, int]:
-    """rank -> pid of the training processes started by `accelerate launch`."""
-    ranks = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if ppid == launcher_pid:
-            for item in env:
-                if item.startswith(b"RANK="):
-                    ranks[int(item[5:])] = int(proc.name)
-    return ranks
-
-
-def wait_for_line(proc, needle: str, timeout: float = 120) -> list[str]:
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)[-3000:]}")
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0), (signal.SIGUSR1, "launcher")])
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, data_dir, sig, target):
     run_dir = tmp_path / "run"
-    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--epochs", "20", "--log-every", "1"]
+    args = tiny_args(data_dir, run_dir, "--epochs", "20", "--log-every", "1")
     # torchrun (inside accelerate launch) forwards SIGTERM/SIGINT to the workers, and SIGUSR1 when told to.
-    env = cpu_env(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
-    proc = subprocess.Popen(command(args, processes=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc = start(args, processes=2, env=cpu_env(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"))
     try:
         lines = wait_for_line(proc, "step 20/")
         os.kill(proc.pid if target == "launcher" else worker_pids(proc.pid)[target], sig)
@@ -193,6 +169,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, data_dir, si
     assert metrics(run_dir)["steps"] == stopped + 5
 
 
+@pytest.mark.slow
 def test_preemption_requeues_the_slurm_job(tmp_path, data_dir):
     """Inside a Slurm job the trainer calls `scontrol requeue <job>` after its checkpoint."""
     fake_bin = tmp_path / "bin"
@@ -201,9 +178,7 @@ def test_preemption_requeues_the_slurm_job(tmp_path, data_dir):
     (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
     (fake_bin / "scontrol").chmod(0o755)
     env = cpu_env(PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
-    args = [*TINY, "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "run"), "--epochs", "20",
-            "--log-every", "1"]
-    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = start(tiny_args(data_dir, tmp_path / "run", "--epochs", "20", "--log-every", "1"), env=env)
     try:
         wait_for_line(proc, "step 5/")
         proc.send_signal(signal.SIGUSR1)
@@ -231,44 +206,29 @@ class CreatesAFile:
         return (open, (self.target, "w"))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """A run with two checkpoints (steps 32 and 64) to tamper with."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    train_tiny(run_dir, data_dir, "--epochs", "2")
-    return run_dir
+def tampered_copy(trained_run, tmp_path) -> Path:
+    """A copy of the shared run (two checkpoints, steps 32 and 64) to tamper with."""
+    return shutil.copytree(trained_run, tmp_path / "run", symlinks=True)
 
 
-def tampered_copy(trained, tmp_path) -> Path:
-    return shutil.copytree(trained, tmp_path / "run", symlinks=True)
-
-
-def test_a_pickle_that_would_run_code_is_refused(tmp_path, trained):
-    run_dir = tampered_copy(trained, tmp_path)
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, trained_run, data_dir):
+    run_dir = tampered_copy(trained_run, tmp_path)
     evil = tmp_path / "pwned"
     newest = list_checkpoints(run_dir)[-1]
     with open(newest / "optimizer.pt", "wb") as f:
         pickle.dump({"state": CreatesAFile(evil)}, f)
     with pytest.raises(CheckpointError, match="optimizer.pt"):
         load_checkpoint(newest)
-    result = train_tiny(run_dir, data_dir_of(trained), "--epochs", "3", "--resume", str(newest), check=False)
+    result = train_tiny(run_dir, data_dir, "--epochs", "3", "--resume", str(newest), check=False)
     assert result.returncode == 2 and "optimizer.pt" in result.stderr and "Traceback" not in result.stderr
     assert not evil.exists()
 
 
-def data_dir_of(run_dir: Path) -> Path:
-    import yaml
-
-    return Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data_dir"])
-
-
 @pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt"])
-def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, trained, file):
-    run_dir = tampered_copy(trained, tmp_path)
+def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, trained_run, data_dir, file):
+    run_dir = tampered_copy(trained_run, tmp_path)
     newest = list_checkpoints(run_dir)[-1]
-    data = (newest / file).read_bytes()
-    (newest / file).write_bytes(data[: len(data) // 2])
-    data_dir = data_dir_of(trained)
+    truncate(newest / file)
 
     explicit = train_tiny(run_dir, data_dir, "--epochs", "3", "--resume", str(newest), check=False)
     assert explicit.returncode == 2, explicit.stderr
@@ -280,24 +240,22 @@ def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, trained, fi
     assert "at step 32" in auto.stdout and metrics(run_dir)["steps"] == 96
 
 
-def test_half_written_checkpoint_is_ignored_with_a_warning(tmp_path, trained):
-    run_dir = tampered_copy(trained, tmp_path)
+def test_half_written_checkpoint_is_ignored_with_a_warning(tmp_path, trained_run, data_dir):
+    run_dir = tampered_copy(trained_run, tmp_path)
     partial = run_dir / "checkpoints" / ".tmp-step_000070-999"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\0" * 10)
-    result = train_tiny(run_dir, data_dir_of(trained), "--epochs", "3")
+    result = train_tiny(run_dir, data_dir, "--epochs", "3")
     assert f"ignoring half-written checkpoint {partial}" in result.stdout
     assert "resumed from" in result.stdout and "at step 64" in result.stdout
     assert not partial.exists()
 
 
-def test_checkpoint_from_another_model_is_refused(tmp_path, trained):
-    run_dir = tampered_copy(trained, tmp_path)
-    result = train_tiny(run_dir, data_dir_of(trained), "--epochs", "3", "--model-width", "0.25", check=False)
+def test_checkpoint_from_another_model_is_refused(tmp_path, trained_run, data_dir):
+    run_dir = tampered_copy(trained_run, tmp_path)
+    result = train_tiny(run_dir, data_dir, "--epochs", "3", "--model-width", "0.25", check=False)
     assert result.returncode == 2
     assert "different model or data set: model_width 0.125 (this run: 0.25)" in result.stderr
-
-
 def test_retention_keeps_the_newest_k_and_the_best(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     train_tiny(run_dir, data_dir, "--epochs", "3", "--checkpoint-every", "10", "--keep-checkpoints", "2")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, TINY, cpu_env, free_port, metrics, scalars
+from tests.helpers import (LOG_EVERY, REPO, TEST_SAMPLES, TINY, cpu_env, free_port, metrics, scalars, steps_per_epoch,
+                           stop)
+
+pytestmark = pytest.mark.slow  # a real Slurm cluster
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # daemons live in sbin
@@ -127,12 +129,7 @@ class Cluster:
                 while self.slurm("squeue", "-h", "-o", "%i", check=False).split() and time.monotonic() < deadline:
                     time.sleep(0.5)
         for daemon in reversed(self.daemons):
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            stop(daemon, timeout=20)
 
     # --- client commands
 
@@ -203,7 +200,7 @@ def test_train_sbatch_runs_two_cpu_processes(slurm, tmp_path, data_dir):
     run_dir = tmp_path / "runs" / f"slurm-{job}"  # the default run directory, in the submit directory
     m = metrics(run_dir)
     assert m["world_size"] == 2 and m["distributed_type"] == "MULTI_CPU"
-    assert m["steps"] == 1024 // (2 * 32) and m["test_samples"] == 101
+    assert m["steps"] == steps_per_epoch(2) and m["test_samples"] == TEST_SAMPLES
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["lr"] == 5e-4  # options passed through
     text = log.read_text()
     assert f"run directory runs/slurm-{job} | 2 process(es), MULTI_CPU" in text
@@ -230,7 +227,7 @@ def test_multinode_sbatch_forms_one_job_across_two_nodes(slurm, tmp_path, data_d
     heads = {head for _, _, head in lines}
     assert len(heads) == 1 and heads.pop().startswith(f"{nodes[0]}:")
     m = metrics(tmp_path / "runs" / f"slurm-{job}")
-    assert m["world_size"] == 2 and m["steps"] == 3 and m["test_samples"] == 101
+    assert m["world_size"] == 2 and m["steps"] == 3 and m["test_samples"] == TEST_SAMPLES
     assert m["param_checksums"][0] == m["param_checksums"][1]
 
 
@@ -246,7 +243,7 @@ def wait_for_line(path: Path, pattern: str, timeout: float = 120) -> re.Match:
 
 
 def test_preempted_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_dir):
-    epochs, per_epoch = 6, 1024 // (2 * 32)
+    epochs, per_epoch = 6, steps_per_epoch(2)
     total = epochs * per_epoch
     # An array task (its id is <array job>_<task>), the case most easily got wrong: the run directory,
     # the log file and the job that rank 0 requeues must all be the task's.
@@ -279,16 +276,15 @@ def test_preempted_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_d
     assert f"job {job} (restart 1)" in text  # the same log file, appended to, and the same run directory
 
     m = metrics(run_dir)
-    assert m["steps"] == total and m["world_size"] == 2 and m["test_samples"] == 101
+    assert m["steps"] == total and m["world_size"] == 2 and m["test_samples"] == TEST_SAMPLES
     # every logged step exactly once across the two runs: nothing lost, nothing repeated
-    log_every = int(TINY[TINY.index("--log-every") + 1])
-    assert [s for s, _ in scalars(run_dir, "train/loss")] == list(range(log_every, total + 1, log_every))
+    assert [s for s, _ in scalars(run_dir, "train/loss")] == list(range(LOG_EVERY, total + 1, LOG_EVERY))
     print(f"preempted at step {step}, resumed from step {resumed[0][1]}")
 
 
 def test_preemption_after_the_last_allowed_restart_saves_but_does_not_requeue(slurm, tmp_path, data_dir):
     epochs = 10
-    total = epochs * 1024 // (2 * 32)
+    total = epochs * steps_per_epoch(2)
     job = slurm.sbatch(TRAIN, tiny(data_dir, "--epochs", str(epochs)), cwd=tmp_path, NPROC_PER_NODE=2,
                        MAX_RESTARTS=0)
     log = tmp_path / f"slurm-{job}.out"

@@ -6,7 +6,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dist_alexnet.model import AlexNet
-from tests.helpers import metrics, scalars, train_tiny
+from tests.helpers import TEST_SAMPLES, metrics, scalars, steps_per_epoch, train_tiny
 
 
 def test_single_process_run_leaves_a_complete_run_directory(tmp_path, data_dir):
@@ -17,8 +17,8 @@ def test_single_process_run_leaves_a_complete_run_directory(tmp_path, data_dir):
     assert config["epochs"] == 3 and config["model_width"] == 0.125 and config["dataset"] == "synthetic"
 
     m = metrics(run_dir)
-    assert m["steps"] == 3 * (1024 // 32) and m["epochs"] == 3
-    assert m["world_size"] == 1 and m["test_samples"] == 101
+    assert m["steps"] == 3 * steps_per_epoch() and m["epochs"] == 3
+    assert m["world_size"] == 1 and m["test_samples"] == TEST_SAMPLES
     assert set(m) >= {"test_acc", "test_loss", "test_samples", "train_loss", "steps", "epochs", "world_size",
                       "mixed_precision", "train_images_per_sec", "wall_seconds"}
 

@@ -1,0 +1,43 @@
+"""Debugging and test hooks, all read from environment variables, all off unless set:
+
+  DIST_ALEXNET_SAMPLE_LOG=DIR     every rank appends "epoch sample-index" lines for each training sample it
+                                  consumes to DIR/rank<R>-<pid>.txt (proves that a resume neither repeats nor
+                                  skips samples)
+  DIST_ALEXNET_INJECT_NAN=R:S     rank R's loss is NaN at optimizer step S (tests the non-finite-loss stop)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class DebugHooks:
+    """The hooks of one rank, for the life of a run (`with DebugHooks(rank) as hooks:`)."""
+
+    def __init__(self, rank: int, env=os.environ):
+        self.rank = rank
+        self.nan_step = None
+        if env.get("DIST_ALEXNET_INJECT_NAN"):
+            target_rank, target_step = (int(x) for x in env["DIST_ALEXNET_INJECT_NAN"].split(":"))
+            self.nan_step = target_step if target_rank == rank else None
+        self.sample_log_dir = env.get("DIST_ALEXNET_SAMPLE_LOG")
+        self.sample_log = None
+
+    def __enter__(self) -> DebugHooks:
+        if self.sample_log_dir:
+            Path(self.sample_log_dir).mkdir(parents=True, exist_ok=True)
+            self.sample_log = open(Path(self.sample_log_dir) / f"rank{self.rank}-{os.getpid()}.txt", "a", buffering=1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.sample_log:
+            self.sample_log.close()
+
+    def poisons(self, step: int) -> bool:
+        """Whether this rank's loss is to be made NaN at optimizer step `step`."""
+        return self.nan_step == step
+
+    def record_samples(self, epoch: int, batch) -> None:
+        if self.sample_log:
+            self.sample_log.write("".join(f"{epoch} {i}\n" for i in batch[2].tolist()))

@@ -1,0 +1,55 @@
+"""When things happen in a run, counted in optimizer steps and in samples of the epoch.
+
+The training loop and the monitor ask the same Schedule whether a step is logged, whether a checkpoint
+is due and whether the epoch is over, so each of these is decided in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    train_samples: int  # samples in the training split
+    global_batch: int  # samples per micro-batch, all processes together
+    total_steps: int  # the step this launch stops after: the end of the last epoch, or --max-steps
+    log_every: int
+    checkpoint_every: int | None
+
+    @classmethod
+    def plan(cls, cfg, train_samples: int, world_size: int, state) -> Schedule:
+        """The schedule of a run with `cfg` that starts at `state` (a fresh one, or where a checkpoint left off,
+        possibly with another number of processes: the rest of that epoch is counted in this run's batches)."""
+        global_batch = cfg.batch_size * world_size
+
+        def steps_in(samples: int) -> int:
+            # whole global batches only (an epoch drops its last incomplete one); a last, shorter
+            # gradient-accumulation group still makes a step
+            return math.ceil((samples // global_batch) / cfg.grad_accum)
+
+        epochs_left = cfg.epochs - state.epoch
+        total = state.step
+        if epochs_left > 0:
+            total += steps_in(train_samples - state.position) + steps_in(train_samples) * (epochs_left - 1)
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        return cls(train_samples, global_batch, total, cfg.log_every, cfg.checkpoint_every)
+
+    def epoch_over(self, position: int) -> bool:
+        """No whole global batch is left in the epoch after `position` samples."""
+        return self.train_samples - position < self.global_batch
+
+    def is_last(self, step: int) -> bool:
+        return step >= self.total_steps
+
+    def should_log(self, step: int) -> bool:
+        """A log point (TensorBoard scalars, a log line): every --log-every steps and at the last step."""
+        return step % self.log_every == 0 or self.is_last(step)
+
+    def should_checkpoint(self, step: int, position: int) -> bool:
+        """A checkpoint inside an epoch every --checkpoint-every steps. The end of an epoch and the end of the
+        run have their own checkpoint, after their evaluation."""
+        return (bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+                and not self.epoch_over(position) and not self.is_last(step))

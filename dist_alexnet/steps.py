@@ -1,0 +1,89 @@
+"""The training step and the exact evaluation: what the trainer, the benchmark and `evaluate` run on a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from dist_alexnet.inputs import to_model_input
+from dist_alexnet.stats import StepStats
+
+
+@dataclass
+class StepEnd:
+    """What the micro-batch that completed an optimizer step found out; every rank has the same."""
+    nonfinite_ranks: list[int]  # ranks whose loss was NaN/inf in this step: then the update was not applied
+    stop_requested: bool  # some rank got a preemption signal: every rank stops after this step
+    grad_norm: torch.Tensor | None = None  # when asked for: the whole gradient's L2 norm, before the update
+
+
+def train_step(model, optimizer, accelerator: Accelerator, inputs: torch.Tensor, labels: torch.Tensor,
+               stats: StepStats, *, stop_requested: bool = False, measure_grad_norm: bool = False,
+               poison: bool = False) -> StepEnd | None:
+    """One micro-batch: forward, backward; on the micro-batch that completes an optimizer step, the stop check,
+    then (unless some rank's loss was not finite) the update. Returns the StepEnd of a completed step, None
+    between the micro-batches of a gradient-accumulation group. `poison` makes the loss NaN (a test hook)."""
+    end = None
+    with accelerator.accumulate(model):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels)
+        if poison:
+            loss = loss * float("nan")
+        stats.add(loss, logits, labels)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            end = agree_on_step_end(accelerator, stats.take_nonfinite(), stop_requested)
+            if measure_grad_norm:
+                end.grad_norm = gradient_norm(model, accelerator)
+        if end is None or not end.nonfinite_ranks:
+            optimizer.step()  # between the micro-batches of a group, Accelerate's optimizer does nothing
+            optimizer.zero_grad(set_to_none=True)
+    return end
+
+
+def agree_on_step_end(accelerator: Accelerator, nonfinite: torch.Tensor, stop_requested: bool) -> StepEnd:
+    """The stop check: each rank's [non-finite losses in this step, stop requested] gathered to every rank.
+    It is the training loop's one host-device sync per optimizer step."""
+    local = torch.stack([nonfinite.float(), torch.full_like(nonfinite, float(stop_requested))])
+    flags = accelerator.gather(local.reshape(1, 2)).tolist()
+    return StepEnd(nonfinite_ranks=[rank for rank, (bad, _) in enumerate(flags) if bad],
+                   stop_requested=any(stop for _, stop in flags))
+
+
+def gradient_norm(model, accelerator: Accelerator) -> torch.Tensor:
+    """The L2 norm of the whole gradient as the optimizer will apply it: after DDP's averaging and without
+    fp16's loss scale (unscaled here once; the optimizer step then does not unscale again). On the device:
+    no sync."""
+    accelerator.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator, image_size: int) -> dict:
+    """Exact evaluation: every sample counted once whatever the world size. gather_for_metrics drops
+    the duplicates Accelerate pads the last batch with, so counts equal the test-set size."""
+    model.eval()
+    losses, predictions, labels, indices = [], [], [], []
+    for images, targets, index in loader:
+        logits = model(to_model_input(images, image_size)).float()
+        loss = F.cross_entropy(logits, targets, reduction="none")
+        loss, pred, targets, index = accelerator.gather_for_metrics((loss, logits.argmax(1), targets, index))
+        losses.append(loss), predictions.append(pred), labels.append(targets), indices.append(index)
+    model.train()
+    losses, predictions, labels = torch.cat(losses), torch.cat(predictions).cpu(), torch.cat(labels).cpu()
+    correct = int((predictions == labels).sum())
+    confusion = torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10)  # rows: true class
+    return {
+        "test_loss": float(losses.mean()),
+        "test_acc": correct / len(labels),
+        "test_correct": correct,
+        "test_samples": len(labels),
+        "confusion_matrix": confusion,
+        "per_class_acc": (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist(),
+        "predictions": predictions,
+        "labels": labels,
+        "indices": torch.cat(indices).cpu(),  # position of each sample in the test split
+    }
