@@ -157,7 +157,7 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dev)
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model, cfg.lr)
     model, optimizer, device_loader, torchvision_loader = accelerator.prepare(
         model, optimizer, device_loader, torchvision_loader)
     device_batches = endless(device_loader, device_order)

@@ -7,8 +7,9 @@ best one by test accuracy is kept as well (checkpoints/best links to it).
 
     step_000123/
       model.safetensors    state dict of the unwrapped model
-      optimizer.pt         Adam state
+      optimizer.pt         the optimizer's state (Adam's moments, SGD's momentum)
       scaler.pt            GradScaler state (fp16 only)
+      ema.safetensors      the moving average of the weights (--ema-decay only)
       rng_states.pt        torch RNG states of every rank (gathered to rank 0)
       trainer_state.json   the TrainState (step, epoch, sample position, best test accuracy, pending
                            training sums), the world size, the config
@@ -198,6 +199,8 @@ def load_checkpoint(checkpoint: Path) -> dict:
     }
     if (checkpoint / "scaler.pt").exists():
         loaded["scaler"] = load_tensors(checkpoint / "scaler.pt")
+    if (checkpoint / "ema.safetensors").exists():
+        loaded["ema"] = load_model_state(checkpoint / "ema.safetensors")
     return loaded
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -28,9 +29,11 @@ def _opt(default, help: str, **extra):
 @dataclass
 class TrainConfig:
     # --- data ---
-    dataset: str = _opt("fashion-mnist", "fashion-mnist, or synthetic: the built-in generated data set "
-                        "(written as real IDX files under --data-dir, works offline)",
-                        choices=("fashion-mnist", "synthetic"))
+    dataset: str = _opt("fashion-mnist", "fashion-mnist (the official files, downloaded when missing); "
+                        "fashion-mnist-sample: 3,615 real Fashion-MNIST images shipped with dist-alexnet, split "
+                        "3,000 train / 615 test (offline); or synthetic: generated shapes of the ten classes, "
+                        "written as IDX files under --data-dir (offline, any size)",
+                        choices=("fashion-mnist", "fashion-mnist-sample", "synthetic"))
     data_dir: str = _opt("./data", "folder holding FashionMNIST/raw/*-ubyte (torchvision layout)")
     download: bool = _opt(True, "download Fashion-MNIST with torchvision when the files are missing")
     limit_train: int | None = _opt(None, "use only the first N training samples (smoke runs)")
@@ -49,12 +52,41 @@ class TrainConfig:
     # --- model ---
     model_width: float = _opt(1.0, "fraction of AlexNet's channel and hidden widths; 1.0 is the real "
                               "58,299,082-parameter model, smaller values make quick test models")
-    # --- optimization ---
-    epochs: int = _opt(3, "passes over the training set; schedules follow this")
-    max_steps: int | None = _opt(None, "stop after this many optimizer steps; changes nothing else")
-    batch_size: int = _opt(128, "samples per process per micro-batch")
-    lr: float = _opt(1e-3, "Adam learning rate")
+    dropout: float = _opt(0.5, "dropout probability of the two hidden linear layers")
+    # --- batches ---
+    batch_size: int | None = _opt(None, "samples per process per micro-batch (128 unless --global-batch-size "
+                                  "is given): more processes, a bigger global batch")
+    global_batch_size: int | None = _opt(None, "samples per optimizer step over all processes and "
+                                         "--grad-accum micro-batches, instead of --batch-size: the same "
+                                         "optimization on any number of processes (it must divide by "
+                                         "processes x --grad-accum)")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    # --- optimization ---
+    epochs: int = _opt(3, "passes over the training set; the learning-rate schedule follows this")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps; changes nothing else (the "
+                                 "learning-rate schedule still follows --epochs)")
+    optimizer: str = _opt("adam", "adam, adamw (decoupled weight decay) or sgd", choices=("adam", "adamw", "sgd"))
+    lr: float = _opt(1e-3, "peak learning rate (after any warmup), before --lr-scaling")
+    lr_scaling: str = _opt("none", "scale --lr from --lr-reference-batch to the run's global batch: linear "
+                           "(Goyal et al. 2017), sqrt, or none", choices=("none", "linear", "sqrt"))
+    lr_reference_batch: int = _opt(128, "the global batch --lr is meant for (the reference run's 128)")
+    lr_schedule: str = _opt("constant", "after the warmup: constant, cosine (to --min-lr at the last step of "
+                            "--epochs), or onecycle (a cosine rise from lr/25 over the warmup, 30%% of the run "
+                            "by default, then a cosine fall to --min-lr)", choices=("constant", "cosine", "onecycle"))
+    warmup_steps: int | None = _opt(None, "optimizer steps of linear warmup from 0 to --lr")
+    warmup_epochs: float | None = _opt(None, "warmup length in epochs, instead of --warmup-steps")
+    min_lr: float = _opt(0.0, "learning rate at the end of a cosine or onecycle schedule")
+    momentum: float | None = _opt(None, "SGD momentum (0.9 unless given; sgd only)")
+    nesterov: bool = _opt(False, "Nesterov momentum (sgd only)")
+    weight_decay: float = _opt(0.0, "weight decay: L2 penalty in the gradient for adam and sgd, decoupled "
+                               "for adamw")
+    grad_clip: float | None = _opt(None, "clip the gradient's global L2 norm to this (train/grad_norm is the "
+                                   "norm before clipping)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss (the test loss is plain "
+                                  "cross-entropy)")
+    ema_decay: float | None = _opt(None, "keep an exponential moving average of the weights with this decay "
+                                   "per optimizer step (e.g. 0.999); evaluated, checkpointed and exported "
+                                   "instead of the weights")
     mixed_precision: str | None = _opt(None, "no, fp16 (CUDA only) or bf16; unset = the accelerate launch "
                                        "config's choice, else no", choices=("no", "fp16", "bf16"))
     seed: int = _opt(0, "seed for data order, weights and dropout")
@@ -80,6 +112,10 @@ class TrainConfig:
                              "misclassified test images into TensorBoard (and the report); matplotlib takes "
                              "1-2 s of rank 0's CPU per evaluation")
 
+    def __post_init__(self):
+        if self.batch_size is None and self.global_batch_size is None:
+            self.batch_size = 128  # the reference run's, per process
+
     def validate(self) -> TrainConfig:
         """Raise one ConfigError listing every problem, or return self."""
         problems = []
@@ -93,15 +129,17 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 problems.append(f"--{_flag(f.name)} {value!r} is not one of {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "synthetic_train_size",
-                     "synthetic_test_size"):
+        for name in ("epochs", "grad_accum", "log_every", "synthetic_train_size", "synthetic_test_size",
+                     "lr_reference_batch"):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_steps", "checkpoint_every", "limit_train", "limit_test"):
+        for name in ("max_steps", "checkpoint_every", "limit_train", "limit_test", "batch_size", "global_batch_size"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{_flag(name)} must be >= 1 or unset (got {value})")
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
-        need(self.lr > 0 and self.lr == self.lr and self.lr != float("inf"),
+        need(0 <= self.seed < 2**32, f"--seed must be in 0 .. 2**32 - 1 (got {self.seed})")
+        need(self.lr > 0 and math.isfinite(self.lr),
              f"--lr must be a positive finite number (got {self.lr}); the reference run uses 1e-3")
+        problems += self._optimization_problems()
         need(self.image_size >= 64, f"--image-size must be >= 64 so AlexNet's feature map stays at least "
                                     f"1x1 before pooling (got {self.image_size})")
         need(0 < self.model_width <= 4, f"--model-width must be in (0, 4] (got {self.model_width})")
@@ -118,6 +156,67 @@ class TrainConfig:
         if problems:
             raise ConfigError("\n".join(problems))
         return self
+
+    def _optimization_problems(self) -> list[str]:
+        problems = []
+
+        def need(ok: bool, message: str):
+            if not ok:
+                problems.append(message)
+
+        need(self.batch_size is None or self.global_batch_size is None,
+             f"give --batch-size (per process) or --global-batch-size (all processes together), not both "
+             f"(got {self.batch_size} and {self.global_batch_size})")
+        need(not (self.warmup_steps is not None and self.warmup_epochs is not None),
+             "give --warmup-steps or --warmup-epochs, not both")
+        need(self.warmup_steps is None or self.warmup_steps >= 0,
+             f"--warmup-steps must be >= 0 (got {self.warmup_steps})")
+        need(self.warmup_epochs is None or 0 <= self.warmup_epochs < self.epochs,
+             f"--warmup-epochs must be >= 0 and shorter than the run's --epochs {self.epochs} "
+             f"(got {self.warmup_epochs})")
+        need(self.min_lr >= 0 and (self.min_lr < self.lr or not self.lr > 0),  # a bad --lr has its own message
+             f"--min-lr must be >= 0 and below --lr {self.lr:g} (got {self.min_lr:g})")
+        need(self.min_lr == 0 or self.lr_schedule != "constant",
+             "--min-lr is where a cosine or onecycle schedule ends; add --lr-schedule cosine or drop --min-lr")
+        if self.optimizer != "sgd":
+            need(self.momentum is None, f"--momentum is for --optimizer sgd (this run uses {self.optimizer})")
+            need(not self.nesterov, f"--nesterov is for --optimizer sgd (this run uses {self.optimizer})")
+        need(self.momentum is None or 0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})")
+        need(not (self.nesterov and self.momentum == 0), "--nesterov needs a --momentum above 0")
+        need(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+             f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        need(self.grad_clip is None or (self.grad_clip > 0 and math.isfinite(self.grad_clip)),
+             f"--grad-clip must be a positive number (got {self.grad_clip})")
+        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})")
+        need(self.ema_decay is None or 0 < self.ema_decay < 1,
+             f"--ema-decay must be in (0, 1), e.g. 0.999 (got {self.ema_decay})")
+        return problems
+
+    # --- what the options mean for a run on `world_size` processes
+
+    def per_process_batch(self, world_size: int) -> int:
+        """Samples per process per micro-batch: --batch-size, or --global-batch-size shared out."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        shares = world_size * self.grad_accum
+        if self.global_batch_size % shares:
+            below = self.global_batch_size // shares * shares
+            fits = [n for n in range(1, 65) if self.global_batch_size % (n * self.grad_accum) == 0]
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} does not divide by {world_size} "
+                              f"process(es) x --grad-accum {self.grad_accum} = {shares}: use a multiple of {shares} "
+                              f"(e.g. {max(below, shares)} or {below + shares}), or run on "
+                              f"{', '.join(map(str, fits))} process(es)")
+        return self.global_batch_size // shares
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step, all processes and micro-batches together."""
+        return self.per_process_batch(world_size) * world_size * self.grad_accum
+
+    def effective_lr(self, world_size: int) -> float:
+        """--lr, scaled by --lr-scaling from --lr-reference-batch to the run's global batch."""
+        ratio = self.global_batch(world_size) / self.lr_reference_batch
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

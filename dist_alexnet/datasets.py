@@ -1,15 +1,26 @@
-"""The data sets on disk: Fashion-MNIST's IDX files, read and validated, and the built-in synthetic set.
+"""The data sets on disk: Fashion-MNIST's IDX files, read and validated; the real sample that ships with the
+package; and the built-in synthetic set.
 
 The whole data set is 70,000 uint8 images of 28x28 (55 MB): load_data() returns it as two Splits held
 in memory, one uint8 tensor of images and one of labels each. How batches are drawn from them and turned
 into model input is dist_alexnet/inputs.py.
+
+  --dataset fashion-mnist         the official files in <data-dir>/FashionMNIST/raw (torchvision's layout;
+                                  torchvision downloads them when missing)
+  --dataset fashion-mnist-sample  the first 3,615 images of the official training set, in the package
+                                  (fashion_mnist_sample/, official IDX gzip files, MIT license): images
+                                  0-2,999 are its training part, 3,000-3,614 its test part. Offline, real.
+  --dataset synthetic             generated silhouettes of the ten classes, written as IDX files under
+                                  <data-dir> (offline, any size: what most tests use)
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +40,30 @@ IDX_FILES = {
 _UBYTE = 0x08  # IDX type code for unsigned bytes, the only one Fashion-MNIST uses
 # The synthetic data set does not change with --seed, so runs with different seeds compare on the same data.
 SYNTHETIC_SEED = 1234
+# The shipped sample, and where its training part ends.
+SAMPLE_DIR = Path(__file__).parent / "fashion_mnist_sample"
+SAMPLE_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+SAMPLE_TRAIN_SIZE = 3000
+OFFLINE_HINT = "--dataset fashion-mnist-sample (a real sample shipped with dist-alexnet) or --dataset synthetic"
 
 
 class DataError(ValueError):
     """The data set is missing or malformed. The message names the file and the fix."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 28, 28]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int | None) -> Split:
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
+    def part(self, start: int, stop: int) -> Split:
+        return Split(self.images[start:stop], self.labels[start:stop])
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -51,13 +82,19 @@ def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
 
 
 def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
-    """Read and validate a uint8 IDX file with `ndim` dimensions; raise DataError naming the file."""
+    """Read and validate a uint8 IDX file with `ndim` dimensions, gzip-compressed when its name ends in .gz
+    (as the official download names them); raise DataError naming the file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror or err}); fix its permissions or replace "
                         f"it") from None
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path}: not a complete gzip file ({err}); re-download it") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number); re-download it or delete it to "
                         f"have it downloaded again")
@@ -76,9 +113,8 @@ def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[header_len:]), dtype=torch.uint8).reshape(shape)
 
 
-def validate_split(raw_dir: Path, train: bool) -> None:
-    """Check what torchvision does not: 28x28 images, as many labels as images, labels in 0..9."""
-    images_file, labels_file = (raw_dir / name for name in IDX_FILES[train])
+def read_images_and_labels(images_file: Path, labels_file: Path) -> Split:
+    """A pair of IDX files read and checked: 28x28 images, as many labels as images, labels in 0..9."""
     images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
     if tuple(images.shape[1:]) != (28, 28):
         raise DataError(f"{images_file}: images are {tuple(images.shape[1:])}, Fashion-MNIST's are 28x28")
@@ -88,20 +124,15 @@ def validate_split(raw_dir: Path, train: bool) -> None:
     if len(labels) and int(labels.max()) > 9:
         bad = int((labels > 9).nonzero()[0])
         raise DataError(f"{labels_file}: label {int(labels[bad])} at index {bad} is outside 0..9")
+    return Split(images, labels.long())
 
 
 # ----------------------------------------------------------------------------- data sets
 
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 [N, 28, 28]
-    labels: torch.Tensor  # int64 [N]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def head(self, n: int | None) -> Split:
-        return self if n is None else Split(self.images[:n], self.labels[:n])
+def load_sample() -> tuple[Split, Split]:
+    """The shipped real sample: its training part (images 0-2,999) and its test part (3,000-3,614)."""
+    sample = read_images_and_labels(*(SAMPLE_DIR / name for name in SAMPLE_FILES))
+    return sample.part(0, SAMPLE_TRAIN_SIZE), sample.part(SAMPLE_TRAIN_SIZE, len(sample))
 
 
 def synthetic_root(data_dir: str | os.PathLike, train_size: int, test_size: int, seed: int) -> Path:
@@ -110,25 +141,24 @@ def synthetic_root(data_dir: str | os.PathLike, train_size: int, test_size: int,
 
 
 def load_split(root: Path, train: bool, download: bool) -> Split:
-    """One split through torchvision.datasets.FashionMNIST, validated first."""
-    import torchvision
-
+    """One split of the torchvision layout under `root`, read and validated (torchvision downloads the files
+    when they are missing and `download` is set)."""
     raw_dir = root / "FashionMNIST" / "raw"
     missing = [name for pair in IDX_FILES.values() for name in pair if not (raw_dir / name).exists()]
     if missing:
         if not download:
             raise DataError(f"Fashion-MNIST not found: {raw_dir} lacks {', '.join(missing)}. Put the four "
-                            f"*-ubyte files there, drop --no-download to fetch them, or use "
-                            f"--dataset synthetic to train offline on the built-in data set")
+                            f"*-ubyte files there, drop --no-download to fetch them, or use {OFFLINE_HINT} "
+                            f"to train offline")
+        import torchvision
+
         try:
             torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError on network trouble
             raise DataError(f"could not download Fashion-MNIST into {raw_dir} ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Copy the four *-ubyte "
-                            f"files there by hand, or use --dataset synthetic to train offline") from None
-    validate_split(raw_dir, train)
-    dataset = torchvision.datasets.FashionMNIST(str(root), train=train, download=False)
-    return Split(dataset.data, dataset.targets.long())
+                            f"files there by hand, or use {OFFLINE_HINT} to train offline") from None
+    return read_images_and_labels(*(raw_dir / name for name in IDX_FILES[train]))
 
 
 def make_synthetic(root: Path, train_size: int, test_size: int, seed: int) -> None:
@@ -198,6 +228,9 @@ def synthetic_samples(n: int, generator: torch.Generator) -> tuple[torch.Tensor,
 
 def load_data(cfg) -> tuple[Split, Split]:
     """The train and test splits named by the config (the synthetic set is generated on first use)."""
+    if cfg.dataset == "fashion-mnist-sample":
+        train, test = load_sample()
+        return train.head(cfg.limit_train), test.head(cfg.limit_test)
     if cfg.dataset == "synthetic":
         root = synthetic_root(cfg.data_dir, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
         try:

@@ -87,7 +87,8 @@ def load_trained_model(path: str | os.PathLike, log=print) -> TrainedModel:
         raise CheckpointError(f"{folder}: the training config lacks model_width/image_size; "
                               f"is it a dist-alexnet checkpoint?") from None
     model = AlexNet(width=width)
-    weights_file = folder / "model.safetensors"
+    # a run with --ema-decay evaluated (and exports) the moving average of its weights
+    weights_file = folder / "ema.safetensors" if (folder / "ema.safetensors").exists() else folder / "model.safetensors"
     weights = load_model_state(weights_file)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in weights.items()}
@@ -116,7 +117,9 @@ def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:
     """The training run's config with the data options given on the command line put over it."""
     known = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in trained.config.items() if k in known}
-    values.update(overrides, output_dir=None, resume="none")
+    # evaluation batches are per process: a run's --global-batch-size becomes the batch (unless one is given)
+    values["batch_size"] = values.get("batch_size") or values.get("global_batch_size")
+    values.update(overrides, output_dir=None, resume="none", global_batch_size=None)
     if "mixed_precision" not in overrides and values.get("mixed_precision") == "fp16" and not cuda_usable():
         values["mixed_precision"] = "no"  # a GPU run's checkpoint evaluated on a CPU
     return TrainConfig(**values).validate()

@@ -35,10 +35,15 @@ class EpochOrder(Sampler[int]):
     """The global sample order of one epoch: a permutation that depends only on (seed, epoch), read
     from position `start`. Accelerate deals consecutive batches of it to the processes, so the samples
     a run sees next are fixed by (seed, epoch, position) whatever the number of processes, which is
-    what makes an exact resume possible."""
+    what makes an exact resume possible.
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool):
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+    It yields whole optimizer steps only (multiples of `step_samples`, the samples of one step over all
+    processes and accumulated micro-batches): the rest of an epoch, fewer samples than one step, is left
+    out, so that no step averages a shorter batch (Accelerate would scale a short accumulation group's
+    gradient down by the full group size)."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool, step_samples: int = 1):
+        self.num_samples, self.seed, self.shuffle, self.step_samples = num_samples, seed, shuffle, step_samples
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -51,10 +56,11 @@ class EpochOrder(Sampler[int]):
         return torch.randperm(self.num_samples, generator=generator)
 
     def __iter__(self):
-        return iter(self.order(self.epoch)[self.start:].tolist())
+        return iter(self.order(self.epoch)[self.start:self.start + len(self)].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        left = self.num_samples - self.start
+        return left - left % self.step_samples
 
 
 class SampleIndices(Dataset):
@@ -103,12 +109,16 @@ class PILImages(Dataset):
         return self.transform(image), self.split.labels[i], i
 
 
-def make_loader(split: Split, cfg, train: bool) -> tuple[DataLoader, EpochOrder]:
-    """A DataLoader over `split` in EpochOrder, before accelerator.prepare() shards it."""
-    order = EpochOrder(len(split), cfg.seed, shuffle=train)
-    # Training drops the last incomplete global batch; evaluation keeps every sample
-    # (gather_for_metrics removes the padding Accelerate adds to even out the ranks).
-    batches = BatchSampler(order, cfg.batch_size, drop_last=train)
+def make_loader(split: Split, cfg, train: bool, batch_size: int | None = None,
+                world_size: int = 1) -> tuple[DataLoader, EpochOrder]:
+    """A DataLoader of `batch_size` (default: cfg.batch_size) over `split` in EpochOrder, before
+    accelerator.prepare() shards it over `world_size` processes."""
+    batch_size = batch_size or cfg.batch_size
+    # Training leaves out the rest of an epoch that makes no whole optimizer step; evaluation keeps every
+    # sample (gather_for_metrics removes the padding Accelerate adds to even out the ranks).
+    step_samples = batch_size * world_size * cfg.grad_accum if train else 1
+    order = EpochOrder(len(split), cfg.seed, shuffle=train, step_samples=step_samples)
+    batches = BatchSampler(order, batch_size, drop_last=train)
     pin = torch.cuda.is_available()
     # The loader draws its workers' base seed from this generator rather than from the global RNG, so
     # starting an epoch (or an evaluation) does not shift the dropout stream: resume stays exact.

@@ -50,7 +50,7 @@ def count_parameters(model: nn.Module) -> int:
 def build_model(cfg, device: torch.device | str = "cpu") -> AlexNet:
     """The trainer's AlexNet for a TrainConfig, on `device`, with CUDA's fast paths switched on there."""
     device = torch.device(device)
-    model = AlexNet(num_classes=10, in_channels=1, width=cfg.model_width)
+    model = AlexNet(num_classes=10, in_channels=1, width=cfg.model_width, dropout=cfg.dropout)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN time its algorithms once per shape
         # NHWC activations let cuDNN use its fastest tensor-core convolutions (the 1-channel input needs no change).

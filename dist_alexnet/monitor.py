@@ -34,12 +34,15 @@ TAGS = {
     # scalars
     "train/loss": "mean training cross-entropy since the previous point (every --log-every steps)",
     "train/acc": "training accuracy since the previous point (dropout on)",
-    "train/lr": "Adam learning rate at that step",
-    "train/grad_norm": "L2 norm of the whole gradient at that step (after DDP averaging, before the update)",
+    "train/lr": "the learning rate of that step (warmup and schedule included)",
+    "train/grad_norm": "L2 norm of the whole gradient at that step (after DDP averaging, before any clipping "
+                       "and the update)",
     "train/loss_scale": "fp16 only: the gradient scaler's loss scale (drops when gradients overflow)",
     "test/loss": "mean cross-entropy over the whole test set, after each epoch",
     "test/acc": "accuracy over the whole test set (every sample counted once), after each epoch",
     "test/class_acc/<class>": "accuracy on the test images of one class, after each epoch",
+    "test/raw_acc": "--ema-decay only: the training weights' own test accuracy (test/acc is the average's)",
+    "test/raw_loss": "--ema-decay only: the training weights' own test loss (test/loss is the average's)",
     "perf/images_per_sec": "training images per second, all processes together",
     "perf/images_per_sec_per_device": "the same divided by the number of processes",
     "perf/step_time_ms": "wall time per optimizer step, averaged since the previous point",
@@ -62,6 +65,7 @@ TAGS = {
                            "the model is still at chance level",
 }
 CUDA_ONLY_TAGS = ("system/gpu_memory_gb",)
+EMA_ONLY_TAGS = ("test/raw_acc", "test/raw_loss")
 FP16_ONLY_TAGS = ("train/loss_scale",)
 WARNING_TAGS = ("warnings/divergence",)
 
@@ -88,10 +92,10 @@ def wait_to_sort_after_earlier_events(folder: Path) -> None:
         time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
 
-def make_monitor(accelerator, cfg, start_step: int, log=print):
+def make_monitor(accelerator, cfg, effective: dict, start_step: int, log=print):
     """Monitor on rank 0 (call after accelerator.init_trackers("tensorboard")), NullMonitor elsewhere."""
     if accelerator.is_main_process:
-        return Monitor(accelerator, cfg, start_step, log)
+        return Monitor(accelerator, cfg, effective, start_step, log)
     return NullMonitor()
 
 
@@ -160,11 +164,13 @@ class EventWriter:
 class Monitor:
     """Rank 0: writes everything into the run's one TensorBoard event file."""
 
-    def __init__(self, accelerator, cfg, start_step: int = 0, log=print):
-        """start_step: the step the run starts from (0, or the step of the checkpoint it resumed from)."""
+    def __init__(self, accelerator, cfg, effective: dict | None = None, start_step: int = 0, log=print):
+        """effective: what the options came to on this many processes (per_process_batch, global_batch, lr);
+        start_step: the step the run starts from (0, or the step of the checkpoint it resumed from)."""
         import yaml
 
         self.accelerator, self.cfg, self.log = accelerator, cfg, log
+        self.effective = effective or {}
         self.writer = EventWriter(accelerator, log)
         self.wrote_inputs = False
         self.warned_chance = False
@@ -172,7 +178,9 @@ class Monitor:
         self.loss_scale = float(accelerator.scaler.get_scale()) if accelerator.scaler is not None else None
         self.logged_step = start_step  # the previous log point (or the step the run started from)
 
-        self.text("run/config", _code(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+        resolved = "".join(f"# {key}: {value}\n" for key, value in self.effective.items())
+        self.text("run/config", _code(yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+                                      + f"# effective on {accelerator.num_processes} process(es):\n{resolved}"))
         command, launcher = launch_command()
         self.text("run/command", _code(command))
         self.text("run/launcher", launcher)
@@ -215,6 +223,9 @@ class Monitor:
         confusion, per_class = results["confusion_matrix"], results["per_class_acc"]
         self.writer.add_scalar("test/loss", results["test_loss"], step)
         self.writer.add_scalar("test/acc", results["test_acc"], step)
+        if "raw_test_acc" in results:  # --ema-decay: test/* are the average's, these the weights' own
+            self.writer.add_scalar("test/raw_acc", results["raw_test_acc"], step)
+            self.writer.add_scalar("test/raw_loss", results["raw_test_loss"], step)
         for name, acc in zip(CLASS_NAMES, per_class):
             self.writer.add_scalar(class_tag(name), acc, step)
         self.writer.add_scalar("perf/epoch_seconds", epoch_seconds, step)
@@ -254,7 +265,7 @@ class Monitor:
 
         values = {k: v for k, v in self.cfg.to_dict().items() if v is not None}  # None has no hparam type
         values.update(world_size=self.accelerator.num_processes,
-                      global_batch_size=self.cfg.batch_size * self.accelerator.num_processes * self.cfg.grad_accum,
+                      **{f"effective_{key}": value for key, value in self.effective.items()},
                       mixed_precision=self.accelerator.mixed_precision,
                       distributed_type=self.accelerator.distributed_type.value)
         # Types but no value domains: a domain taken from one run would hide other runs' values in the UI.

@@ -6,14 +6,14 @@ is due and whether the epoch is over, so each of these is decided in one place.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Schedule:
     train_samples: int  # samples in the training split
-    global_batch: int  # samples per micro-batch, all processes together
+    micro_samples: int  # samples per micro-batch, all processes together
+    step_samples: int  # samples per optimizer step: micro-batches of all processes and --grad-accum
     total_steps: int  # the step this launch stops after: the end of the last epoch, or --max-steps
     log_every: int
     checkpoint_every: int | None
@@ -21,25 +21,26 @@ class Schedule:
     @classmethod
     def plan(cls, cfg, train_samples: int, world_size: int, state) -> Schedule:
         """The schedule of a run with `cfg` that starts at `state` (a fresh one, or where a checkpoint left off,
-        possibly with another number of processes: the rest of that epoch is counted in this run's batches)."""
-        global_batch = cfg.batch_size * world_size
-
-        def steps_in(samples: int) -> int:
-            # whole global batches only (an epoch drops its last incomplete one); a last, shorter
-            # gradient-accumulation group still makes a step
-            return math.ceil((samples // global_batch) / cfg.grad_accum)
-
+        possibly with another number of processes: the rest of that epoch is counted in this run's steps)."""
+        micro = cfg.per_process_batch(world_size) * world_size
+        step_samples = micro * cfg.grad_accum
+        # an epoch makes whole optimizer steps only (inputs.EpochOrder leaves out the rest)
         epochs_left = cfg.epochs - state.epoch
         total = state.step
         if epochs_left > 0:
-            total += steps_in(train_samples - state.position) + steps_in(train_samples) * (epochs_left - 1)
+            total += (train_samples - state.position) // step_samples
+            total += train_samples // step_samples * (epochs_left - 1)
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        return cls(train_samples, global_batch, total, cfg.log_every, cfg.checkpoint_every)
+        return cls(train_samples, micro, step_samples, total, cfg.log_every, cfg.checkpoint_every)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_samples // self.step_samples
 
     def epoch_over(self, position: int) -> bool:
-        """No whole global batch is left in the epoch after `position` samples."""
-        return self.train_samples - position < self.global_batch
+        """No whole optimizer step is left in the epoch after `position` samples."""
+        return self.train_samples - position < self.step_samples
 
     def is_last(self, step: int) -> bool:
         return step >= self.total_steps

@@ -15,7 +15,8 @@ import torch
 
 @dataclass
 class TrainState:
-    step: int = 0  # optimizer steps applied so far
+    step: int = 0  # optimizer steps taken so far
+    applied_steps: int = 0  # of those, the ones the optimizer applied (fp16 may skip some): the LR schedule's clock
     epoch: int = 0  # the epoch being trained, from 0 (epochs completed)
     position: int = 0  # samples of this epoch's global order already trained, all ranks together
     best_test_acc: float | None = None  # best test accuracy of any evaluation so far
@@ -27,6 +28,7 @@ class TrainState:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, saved: dict) -> None:
+        saved = {"applied_steps": saved["step"], **saved}  # checkpoints of 0.1 have none: every step was applied
         for f in dataclasses.fields(self):
             setattr(self, f.name, saved[f.name])
 

@@ -17,30 +17,36 @@ class StepEnd:
     """What the micro-batch that completed an optimizer step found out; every rank has the same."""
     nonfinite_ranks: list[int]  # ranks whose loss was NaN/inf in this step: then the update was not applied
     stop_requested: bool  # some rank got a preemption signal: every rank stops after this step
-    grad_norm: torch.Tensor | None = None  # when asked for: the whole gradient's L2 norm, before the update
+    grad_norm: torch.Tensor | None = None  # when asked for or clipping: the gradient's L2 norm before clipping
+    applied: bool = False  # the optimizer changed the weights (not when fp16's gradient scaler skipped the step)
 
 
 def train_step(model, optimizer, accelerator: Accelerator, inputs: torch.Tensor, labels: torch.Tensor,
-               stats: StepStats, *, stop_requested: bool = False, measure_grad_norm: bool = False,
-               poison: bool = False) -> StepEnd | None:
+               stats: StepStats, *, label_smoothing: float = 0.0, grad_clip: float | None = None,
+               stop_requested: bool = False, measure_grad_norm: bool = False, poison: bool = False) -> StepEnd | None:
     """One micro-batch: forward, backward; on the micro-batch that completes an optimizer step, the stop check,
-    then (unless some rank's loss was not finite) the update. Returns the StepEnd of a completed step, None
-    between the micro-batches of a gradient-accumulation group. `poison` makes the loss NaN (a test hook)."""
+    the gradient's norm (clipped to `grad_clip`), then (unless some rank's loss was not finite) the update.
+    Returns the StepEnd of a completed step, None between the micro-batches of a gradient-accumulation group.
+    `poison` makes the loss NaN (a test hook)."""
     end = None
     with accelerator.accumulate(model):
         logits = model(inputs)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         if poison:
             loss = loss * float("nan")
         stats.add(loss, logits, labels)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             end = agree_on_step_end(accelerator, stats.take_nonfinite(), stop_requested)
-            if measure_grad_norm:
+            if grad_clip is not None:
+                end.grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # unscales fp16 first
+            elif measure_grad_norm:
                 end.grad_norm = gradient_norm(model, accelerator)
         if end is None or not end.nonfinite_ranks:
             optimizer.step()  # between the micro-batches of a group, Accelerate's optimizer does nothing
             optimizer.zero_grad(set_to_none=True)
+    if end is not None:
+        end.applied = not end.nonfinite_ranks and not accelerator.optimizer_step_was_skipped
     return end
 
 

@@ -8,6 +8,7 @@ printing goes through Progress and TensorBoard through the monitor, both silent 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from dist_alexnet.distributed import (check_output_dir, choose_run_dir, load_dat
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
 from dist_alexnet.model import build_model
 from dist_alexnet.monitor import make_monitor, wait_to_sort_after_earlier_events
-from dist_alexnet.optimization import make_optimizer
+from dist_alexnet.optimization import LRSchedule, WeightEMA, make_optimizer, set_learning_rate
 from dist_alexnet.preemption import PreemptionFlag, requeue_slurm_job, should_requeue
 from dist_alexnet.progress import Progress
 from dist_alexnet.report import write_report
@@ -46,6 +47,7 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     run = set_up(cfg)
     state = restore(run)
+    plan(run, state)
     start_logging(run, state)
     results = None
     with PreemptionFlag() as preemption, DebugHooks(run.accelerator.process_index) as hooks:
@@ -57,14 +59,14 @@ def train(cfg: TrainConfig) -> dict:
             results = evaluate_and_log(run, state)
             save(run, state, test_acc=results["test_acc"])
     if results is None:  # resumed from the final checkpoint: nothing left to train, evaluate it again
-        results = evaluate(run.model, run.test_loader, run.accelerator, run.cfg.image_size)
+        results = evaluate_run(run)
     return finish(run, state, results, started)
 
 
 @dataclass
 class Run:
-    """What a training run is made of (every rank has its own): built by set_up(), then start_logging() adds
-    the schedule, the running figures and the monitor."""
+    """What a training run is made of (every rank has its own): built by set_up(); plan() adds the schedules,
+    start_logging() the running figures and the monitor."""
     cfg: TrainConfig
     accelerator: Accelerator
     dir: Path
@@ -76,7 +78,11 @@ class Run:
     test_loader: torch.utils.data.DataLoader
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    ema: WeightEMA | None  # the moving average of the weights (--ema-decay), evaluated instead of them
+    batch_size: int  # per process per micro-batch
+    lr: float  # the peak learning rate: --lr after --lr-scaling
     schedule: Schedule = field(init=False)
+    lr_schedule: LRSchedule = field(init=False)
     stats: StepStats = field(init=False)
     monitor: object = field(init=False)
 
@@ -91,25 +97,42 @@ class Run:
 
 def set_up(cfg: TrainConfig) -> Run:
     """The Accelerator, the run directory (checked writable before any work), the data, the model with the
-    same initial weights on every rank, its optimizer and the loaders, prepared for DDP and mixed precision."""
+    same initial weights on every rank, its optimizer (and weight average) and the loaders, prepared for DDP
+    and mixed precision."""
     accelerator = make_accelerator(cfg)
+    world = accelerator.num_processes
     progress = Progress(enabled=accelerator.is_main_process)
     run_dir = choose_run_dir(cfg, accelerator)
     check_output_dir(run_dir, accelerator)
     train_split, test_split = load_data_on_every_rank(cfg, accelerator)
-    global_batch = cfg.batch_size * accelerator.num_processes
-    if len(train_split) < global_batch:
-        raise ConfigError(f"--batch-size {cfg.batch_size} x {accelerator.num_processes} process(es) = {global_batch} "
-                          f"is larger than the {len(train_split)} training samples; lower --batch-size")
-    train_loader, train_order = make_loader(train_split, cfg, train=True)
-    test_loader, _ = make_loader(test_split, cfg, train=False)
+    batch_size = cfg.per_process_batch(world)
+    check_batch_fits(cfg, world, len(train_split))
+    train_loader, train_order = make_loader(train_split, cfg, train=True, batch_size=batch_size, world_size=world)
+    test_loader, _ = make_loader(test_split, cfg, train=False, batch_size=batch_size)
     set_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, accelerator.device)
-    optimizer = make_optimizer(cfg, model)
+    lr = cfg.effective_lr(world)
+    optimizer = make_optimizer(cfg, model, lr)
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = WeightEMA(model, build_model(dataclasses.replace(cfg, compile=False), accelerator.device), cfg.ema_decay)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    if ema is not None:  # evaluated under the same autocast as the model, without a DDP wrapper
+        ema.average = accelerator.prepare_model(ema.average, evaluation_mode=True)
     set_seed(cfg.seed, device_specific=True)  # and a dropout stream of its own
     return Run(cfg, accelerator, run_dir, progress, train_split, test_split, train_loader, train_order,
-               test_loader, model, optimizer)
+               test_loader, model, optimizer, ema, batch_size, lr)
+
+
+def check_batch_fits(cfg: TrainConfig, world: int, train_samples: int) -> None:
+    """One optimizer step's samples must not outnumber the training split (an epoch would have no step)."""
+    step_samples = cfg.global_batch(world)
+    if train_samples < step_samples:
+        given = (f"--global-batch-size {cfg.global_batch_size}" if cfg.global_batch_size
+                 else f"--batch-size {cfg.batch_size} x {world} process(es)"
+                      + (f" x --grad-accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "") + f" = {step_samples}")
+        raise ConfigError(f"{given} is larger than the {train_samples} training samples; lower "
+                          f"{'--global-batch-size' if cfg.global_batch_size else '--batch-size'}")
 
 
 def restore(run: Run) -> TrainState:
@@ -126,6 +149,12 @@ def restore(run: Run) -> TrainState:
     run.optimizer.load_state_dict(loaded["optimizer"])
     if "scaler" in loaded and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(loaded["scaler"])
+    if run.ema is not None:
+        if "ema" in loaded:
+            run.ema.average.load_state_dict(loaded["ema"])
+        else:
+            run.ema.restart()
+            run.progress.log("note: the checkpoint has no weight average; --ema-decay starts one from its weights")
     saved_rng = loaded["rng_states"]
     if accelerator.process_index < len(saved_rng):
         set_rng_state(saved_rng[accelerator.process_index])
@@ -139,11 +168,15 @@ def restore(run: Run) -> TrainState:
     return state
 
 
+def plan(run: Run, state: TrainState) -> None:
+    """When things happen from `state` on, and the learning rate of every step of --epochs."""
+    run.schedule = Schedule.plan(run.cfg, len(run.train_split), run.accelerator.num_processes, state)
+    run.lr_schedule = LRSchedule.plan(run.cfg, run.lr, run.schedule.steps_per_epoch)
+
+
 def start_logging(run: Run, state: TrainState) -> None:
-    """The schedule from `state` on, config.yaml, the TensorBoard tracker, the monitor, the progress bar and the
-    run's first log line."""
+    """config.yaml, the TensorBoard tracker, the monitor, the progress bar and the run's first log lines."""
     cfg, accelerator = run.cfg, run.accelerator
-    run.schedule = Schedule.plan(cfg, len(run.train_split), accelerator.num_processes, state)
     def prepare_run_files():
         save_yaml(cfg, run.dir / "config.yaml")
         wait_to_sort_after_earlier_events(run.dir / "tensorboard")
@@ -154,16 +187,37 @@ def start_logging(run: Run, state: TrainState) -> None:
     accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step + 1}}
                               if state.step else {})
     run.stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
-    run.monitor = make_monitor(accelerator, cfg, start_step=state.step, log=run.progress.log)
+    effective = {"per_process_batch": run.batch_size, "global_batch": run.schedule.step_samples, "lr": run.lr}
+    run.monitor = make_monitor(accelerator, cfg, effective, start_step=state.step, log=run.progress.log)
     run.progress.start(total=run.schedule.total_steps, initial=state.step)
-    run.progress.log(f"run directory {run.dir} | {accelerator.num_processes} process(es), "
-                     f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision} | "
-                     f"{len(run.train_split)} train / {len(run.test_split)} test samples, global batch "
-                     f"{run.schedule.global_batch}, {run.schedule.total_steps} steps")
+    world = accelerator.num_processes
+    run.progress.log(f"run directory {run.dir} | {world} process(es), {accelerator.distributed_type.value}, "
+                     f"mixed precision {accelerator.mixed_precision} | {len(run.train_split)} train / "
+                     f"{len(run.test_split)} test samples, global batch {run.schedule.step_samples}, "
+                     f"{run.schedule.total_steps} steps")
+    run.progress.log(describe_optimization(run))
+    if world > 1 and cfg.global_batch_size is None and cfg.lr_scaling == "none":
+        run.progress.log(f"note: global batch {run.schedule.step_samples} ({run.batch_size} per process x {world} "
+                         f"processes{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}); the "
+                         f"learning rate was not scaled for it (--global-batch-size or --lr-scaling keep results "
+                         f"comparable across process counts)")
     if isinstance(run.model, torch.nn.parallel.DistributedDataParallel):  # the DDP options as the wrapper took them
         run.progress.log(f"DDP: gradient buckets of {run.model.bucket_bytes_cap / 2**20:g} MB, "
                          f"gradient_as_bucket_view {run.model.gradient_as_bucket_view}, gradients all-reduced in "
                          f"{'fp32' if cfg.ddp_comm_hook == 'none' else cfg.ddp_comm_hook}")
+
+
+def describe_optimization(run: Run) -> str:
+    """One log line: the optimizer, its learning rate and schedule, and the regularization in use."""
+    cfg, lr = run.cfg, run.lr_schedule
+    scaled = "" if cfg.lr_scaling == "none" else (f" (--lr {cfg.lr:g} scaled {cfg.lr_scaling} from batch "
+                                                  f"{cfg.lr_reference_batch} to {run.schedule.step_samples})")
+    extras = [f"{name} {value:g}" for name, value in (
+        ("weight decay", cfg.weight_decay), ("grad clip", cfg.grad_clip or 0), ("label smoothing", cfg.label_smoothing),
+        ("EMA decay", cfg.ema_decay or 0)) if value]
+    return (f"optimizer {cfg.optimizer}, learning rate {run.lr:g}{scaled}, {lr.kind} schedule over {lr.total_steps} "
+            f"steps with {lr.warmup_steps} warmup steps{f' to {lr.min_lr:g}' if lr.kind != 'constant' else ''}"
+            f"{', ' + ', '.join(extras) if extras else ''}, dropout {cfg.dropout:g}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -178,16 +232,22 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
         step = state.step + 1  # the optimizer step this micro-batch belongs to
         hooks.record_samples(state.epoch, batch)
         run.monitor.show_inputs(batch, state.epoch, state.step)
+        set_learning_rate(run.optimizer, run.lr_schedule.lr(state.applied_steps))
         inputs, labels = training_input(batch, run.cfg, state.epoch)
         end = train_step(run.model, run.optimizer, run.accelerator, inputs, labels, run.stats,
+                         label_smoothing=run.cfg.label_smoothing, grad_clip=run.cfg.grad_clip,
                          stop_requested=preemption.received is not None,
                          measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step))
-        state.position += run.schedule.global_batch
+        state.position += run.schedule.micro_samples
         if end is None:  # inside a gradient-accumulation group
             continue
         if end.nonfinite_ranks:
             stop_on_nonfinite_loss(run, step, end.nonfinite_ranks)
         state.step = step
+        if end.applied:  # not a step fp16's gradient scaler skipped: the schedule and the average move on
+            state.applied_steps += 1
+            if run.ema is not None:
+                run.ema.update()
         run.progress.step_done()
         if run.schedule.should_log(step):
             log_training(run, state, end.grad_norm)
@@ -220,9 +280,20 @@ def stop_on_nonfinite_loss(run: Run, step: int, ranks: list[int]) -> None:
     raise TrainingDiverged(message)
 
 
+def evaluate_run(run: Run) -> dict:
+    """Exact evaluation of the model on the whole test set; with --ema-decay, of the weight average, and
+    the weights' own accuracy and loss as raw_test_acc and raw_test_loss."""
+    results = evaluate(run.ema.average if run.ema else run.model, run.test_loader, run.accelerator,
+                       run.cfg.image_size)
+    if run.ema is not None:
+        raw = evaluate(run.model, run.test_loader, run.accelerator, run.cfg.image_size)
+        results.update(raw_test_acc=raw["test_acc"], raw_test_loss=raw["test_loss"])
+    return results
+
+
 def evaluate_and_log(run: Run, state: TrainState) -> dict:
     """Exact evaluation on the whole test set, into TensorBoard and the log; the best accuracy so far updated."""
-    results = evaluate(run.model, run.test_loader, run.accelerator, run.cfg.image_size)
+    results = evaluate_run(run)
     run.monitor.log_epoch(state.step, run.stats.epoch_seconds[-1], results, run.test_split)
     where = (f"end of epoch {state.epoch}" if state.position == 0
              else f"epoch {state.epoch + 1}, sample {state.position}")
@@ -245,6 +316,8 @@ def save(run: Run, state: TrainState, test_acc: float | None = None) -> Path:
                  "optimizer.pt": run.optimizer.state_dict(), "rng_states.pt": rng_states}
         if accelerator.scaler is not None:
             files["scaler.pt"] = accelerator.scaler.state_dict()
+        if run.ema is not None:
+            files["ema.safetensors"] = run.ema.average.state_dict()
         trainer_state = {**state.state_dict(), "test_acc": test_acc, "world_size": accelerator.num_processes,
                          "signature": run.signature, "config": run.cfg.to_dict()}
         return save_checkpoint(run.dir, state.step, files, trainer_state, run.cfg.keep_checkpoints)
@@ -294,6 +367,8 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "param_checksums": checksums,
     }
+    if "raw_test_acc" in results:  # --ema-decay: the test figures above are the average's
+        metrics.update(raw_test_acc=results["raw_test_acc"], raw_test_loss=results["raw_test_loss"])
     run.monitor.finish(metrics)  # flushes the event files the report is built from
     report = on_main_process(accelerator, lambda: write_results(run.dir, metrics), "writing the results")
     run.progress.log(f"test accuracy {metrics['test_acc']:.4f} | {metrics['train_images_per_sec']:.0f} images/s "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (`make gpu-check`): how fast is dist-alexnet on this machine? On CUDA, within 8 minutes:
 #   1. dist-alexnet benchmark at 224, bf16, batch 512 and 256, each without and with --compile
-#   2. a 3-epoch training run with launch/configs/best.yaml on the synthetic set of Fashion-MNIST's size
+#   2. a 3-epoch training run with launch/configs/fast.yaml on the synthetic set of Fashion-MNIST's size
 #      (60,000 training images), with every visible GPU
 # Results, as JSON files in $GPU_CHECK_DIR (default ./gpu-check), with each step's log beside its file:
 #   benchmark-b<batch>.json, benchmark-b<batch>-compile.json   what `benchmark --json` writes
@@ -59,7 +59,7 @@ bench() {  # bench BATCH [--compile]
 }
 bench "${BATCHES[0]}"
 rm -rf "$OUT/train-run"
-step train "${LAUNCH[@]}" train --config "$REPO/launch/configs/best.yaml" --dataset synthetic "${TRAIN[@]}" --epochs 3 \
+step train "${LAUNCH[@]}" train --config "$REPO/launch/configs/fast.yaml" --dataset synthetic "${TRAIN[@]}" --epochs 3 \
     --data-dir "$OUT/data" --output-dir "$OUT/train-run" --resume none
 cp "$OUT/train-run/metrics.json" "$OUT/train-metrics.json" 2>/dev/null
 for batch in "${BATCHES[@]:1}"; do bench "$batch"; done

@@ -27,9 +27,10 @@ BIN = Path(sys.executable).parent
 # it once). Without the evaluation figures (matplotlib would take about a third of each tiny run);
 # test_monitor.py turns them back on.
 TRAIN_SAMPLES, TEST_SAMPLES, BATCH, LOG_EVERY, WIDTH = 1024, 101, 32, 4, 0.125
-TINY = ["--dataset", "synthetic", "--synthetic-train-size", str(TRAIN_SAMPLES), "--synthetic-test-size",
-        str(TEST_SAMPLES), "--image-size", "64", "--model-width", str(WIDTH), "--batch-size", str(BATCH),
-        "--log-every", str(LOG_EVERY), "--no-log-figures"]
+TINY_WITHOUT_BATCH = ["--dataset", "synthetic", "--synthetic-train-size", str(TRAIN_SAMPLES), "--synthetic-test-size",
+                      str(TEST_SAMPLES), "--image-size", "64", "--model-width", str(WIDTH), "--log-every",
+                      str(LOG_EVERY), "--no-log-figures"]
+TINY = [*TINY_WITHOUT_BATCH, "--batch-size", str(BATCH)]
 
 
 def steps_per_epoch(processes: int = 1) -> int:
@@ -37,7 +38,9 @@ def steps_per_epoch(processes: int = 1) -> int:
 
 
 def tiny_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [*TINY, "--data-dir", str(data_dir), "--output-dir", str(run_dir), *extra]
+    """TINY on `data_dir`, into `run_dir`; with --global-batch-size among `extra`, without TINY's --batch-size."""
+    options = TINY_WITHOUT_BATCH if "--global-batch-size" in extra else TINY
+    return [*options, "--data-dir", str(data_dir), "--output-dir", str(run_dir), *extra]
 
 
 def tiny_split(data_dir: Path, train: bool = False):

@@ -84,9 +84,30 @@ OPTION_CASES = {
     "keep_one_checkpoint": (["--keep-checkpoints", "1"], "--keep-checkpoints must be >= 2"),
     "batch_larger_than_data_set": (["--batch-size", "5000"], f"larger than the {TRAIN_SAMPLES} training samples"),
     "image_size_below_64": (["--image-size", "32"], "--image-size must be >= 64"),
+    "negative_weight_decay": (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    "warmup_longer_than_the_run": (["--epochs", "2", "--warmup-epochs", "3"], "shorter than the run's --epochs 2"),
+    "warmup_steps_longer_than_the_run": (["--epochs", "1", "--warmup-steps", "40"], "as long as the whole run"),
+    "momentum_without_sgd": (["--momentum", "0.9"], "--momentum is for --optimizer sgd"),
+    "min_lr_without_a_schedule": (["--min-lr", "1e-5"], "--min-lr is where a cosine or onecycle schedule ends"),
+    "label_smoothing_of_one": (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    "dropout_of_one": (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    "ema_decay_of_one": (["--ema-decay", "1"], "--ema-decay must be in (0, 1)"),
+    "grad_clip_of_zero": (["--grad-clip", "0"], "--grad-clip must be a positive number"),
 }
 for name, (option, words) in OPTION_CASES.items():
     CASES[name] = lambda tmp, data_dir, run_dir, option=option, words=words: (tiny(data_dir, tmp, *option), words)
+
+
+@case
+def global_batch_that_does_not_divide(tmp, data_dir, run_dir):
+    return tiny(data_dir, tmp, "--global-batch-size", "32", "--grad-accum", "3"), \
+        "does not divide by 1 process(es) x --grad-accum 3"
+
+
+@case
+def both_batch_options(tmp, data_dir, run_dir):
+    return tiny(data_dir, tmp, "--batch-size", "16", "--global-batch-size", "64"), \
+        "--global-batch-size (all processes together), not both"
 
 
 @case

@@ -95,7 +95,7 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     train = json.loads((folder / "train-metrics.json").read_text())
     assert train["epochs"] == 3 and len(train["epoch_seconds"]) == 3 and train["mixed_precision"] == "bf16"
     config = (folder / "train-run" / "config.yaml").read_text()
-    assert "augment: true" in config and "batch_size: 32" in config  # best.yaml, with the toy batch on top
+    assert "augment: true" in config and "batch_size: 32" in config  # fast.yaml, with the toy batch on top
 
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["benchmarks"]) == {"benchmark-b16", "benchmark-b16-compile"}

@@ -20,8 +20,8 @@ from tests.helpers import (TRAIN_SAMPLES, cpu_env, metrics, run, scalars, start,
                            train_tiny, truncate, wait_for_line, worker_pids)
 
 
-def final_weights(run_dir):
-    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
+def final_weights(run_dir, which="model"):
+    return load_file(list_checkpoints(run_dir)[-1] / f"{which}.safetensors")
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -33,11 +33,16 @@ def per_step_losses(run_dir):
     return scalars(run_dir, "train/loss")
 
 
+# A warmup + cosine schedule and a weight average: their state must survive the interruption too.
+RECIPE = ["--epochs", "2", "--log-every", "1", "--lr-schedule", "cosine", "--warmup-steps", "5", "--min-lr", "1e-5",
+          "--ema-decay", "0.9"]
+
+
 def resume_with(run_dir, data_dir, processes, edit=None):
     """Copy an interrupted run, optionally tamper with its checkpoint, resume it to the end."""
     if edit:
         edit(list_checkpoints(run_dir)[-1])
-    train_tiny(run_dir, data_dir, "--epochs", "2", "--log-every", "1", processes=processes)
+    train_tiny(run_dir, data_dir, *RECIPE, processes=processes)
     return run_dir
 
 
@@ -57,16 +62,18 @@ def forget_rng(checkpoint: Path):
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, data_dir, processes):
     stop = steps_per_epoch(processes) + 7  # mid-epoch, in the second epoch
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train_tiny(whole, data_dir, "--epochs", "2", "--log-every", "1", processes=processes)
-    train_tiny(cut, data_dir, "--epochs", "2", "--log-every", "1", "--max-steps", str(stop), processes=processes)
+    train_tiny(whole, data_dir, *RECIPE, processes=processes)
+    train_tiny(cut, data_dir, *RECIPE, "--max-steps", str(stop), processes=processes)
     assert list_checkpoints(cut)[-1].name == f"step_{stop:06d}"
     controls = {name: shutil.copytree(cut, tmp_path / name, symlinks=True) for name in ("no_position", "no_rng")}
 
     result = resume_with(cut, data_dir, processes)
     assert per_step_losses(result) == per_step_losses(whole)  # every step's loss, exactly
+    assert scalars(result, "train/lr") == scalars(whole, "train/lr")
     assert max_difference(final_weights(result), final_weights(whole)) == 0.0
     for name, tensor in final_weights(whole).items():
         assert torch.equal(tensor, final_weights(result)[name])
+    assert max_difference(final_weights(result, "ema"), final_weights(whole, "ema")) == 0.0
 
     # Negative controls: without the data position or the RNG state the runs must differ.
     for name, edit in (("no_position", forget_position), ("no_rng", forget_rng)):

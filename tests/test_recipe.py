@@ -1,0 +1,211 @@
+"""The training recipe: the shipped real sample, the learning-rate schedules as TensorBoard records them, the
+same optimization on 1 or 2 processes with --global-batch-size, gradient accumulation under DDP (and the
+epoch's last, shorter group), --lr-scaling, and the weight average's place in checkpoints and evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_alexnet.checkpoint import list_checkpoints
+from dist_alexnet.config import ConfigError, TrainConfig
+from dist_alexnet.datasets import SAMPLE_DIR, SAMPLE_FILES, load_sample, read_idx
+from dist_alexnet.optimization import LRSchedule
+from tests.helpers import REPO, metrics, run, scalars, steps_per_epoch, train_tiny
+
+SHARED_SAMPLE = REPO.parent / "shared" / "fashion-mnist-sample"
+PUBLISHED_SHA256 = {  # as Fashion-MNIST's sample README gives them
+    "train-images-idx3-ubyte.gz": "cc4a4c7c0c180e9a23f3805a645bcb016c27b50e760098f34b159f93410b3a7a",
+    "train-labels-idx1-ubyte.gz": "e49a727d885ce67376191491581ae7175a785f8fe6f79eb08331dec62a5d0cb8",
+}
+
+
+# ----------------------------------------------------------------------------- the shipped sample
+
+def test_the_shipped_sample_is_the_published_one_with_its_license():
+    for name in SAMPLE_FILES:
+        assert hashlib.sha256((SAMPLE_DIR / name).read_bytes()).hexdigest() == PUBLISHED_SHA256[name], name
+    assert "MIT License" in (SAMPLE_DIR / "LICENSE").read_text() and "Zalando" in (SAMPLE_DIR / "LICENSE").read_text()
+    train, test = load_sample()
+    assert (len(train), len(test)) == (3000, 615)
+    assert train.images.shape == (3000, 28, 28) and train.images.dtype == torch.uint8
+    for part in (train, test):
+        assert set(part.labels.tolist()) == set(range(10))  # every class in both parts
+    assert train.labels.bincount().tolist() == [282, 321, 290, 312, 303, 300, 298, 312, 287, 295]
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason="the shared copy of the sample is not on this machine "
+                                                         "(the published checksums are checked above)")
+def test_the_shipped_sample_equals_the_shared_files():
+    train, test = load_sample()
+    images = read_idx(SHARED_SAMPLE / SAMPLE_FILES[0], 3)
+    labels = read_idx(SHARED_SAMPLE / SAMPLE_FILES[1], 1)
+    assert torch.equal(torch.cat([train.images, test.images]), images)  # the first 3,615 images, in order
+    assert torch.equal(torch.cat([train.labels, test.labels]), labels.long())
+
+
+def test_a_short_run_on_the_real_sample_learns_well_above_chance(tmp_path):
+    run_dir = tmp_path / "run"
+    run(["--dataset", "fashion-mnist-sample", "--image-size", "64", "--model-width", "0.25", "--batch-size", "32",
+         "--epochs", "2", "--no-log-figures", "--output-dir", str(run_dir)])
+    m = metrics(run_dir)
+    assert m["test_samples"] == 615 and m["steps"] == 2 * (3000 // 32)
+    assert m["test_acc"] > 0.5, m["test_acc"]  # chance is 0.1
+
+
+# ----------------------------------------------------------------------------- learning-rate schedules
+
+def test_the_learning_rate_in_tensorboard_follows_warmup_then_cosine(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    lr, min_lr, warmup = 2e-3, 1e-4, 4
+    train_tiny(run_dir, data_dir, "--epochs", "2", "--lr", str(lr), "--lr-schedule", "cosine", "--warmup-steps",
+               str(warmup), "--min-lr", str(min_lr), "--log-every", "1", "--max-steps", "40")
+    logged = dict(scalars(run_dir, "train/lr"))
+    total = 2 * steps_per_epoch()  # the schedule spans --epochs, not --max-steps
+    assert sorted(logged) == list(range(1, 41))
+    for step in (1, 2, 4):  # linear warmup
+        assert logged[step] == pytest.approx(lr * step / warmup, rel=1e-6)
+    for step in (5, 20, 40):
+        progress = (step - warmup) / (total - warmup)
+        assert logged[step] == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2, rel=1e-6)
+    assert all(logged[s] > logged[s + 1] for s in range(warmup, 40))  # falling after the warmup
+
+
+def test_schedules_start_and_end_where_they_should():
+    cfg = TrainConfig(lr=1e-2, lr_schedule="onecycle", min_lr=1e-5, epochs=10).validate()
+    onecycle = LRSchedule.plan(cfg, cfg.lr, steps_per_epoch=100)
+    assert onecycle.warmup_steps == 300  # 30% of the run by default
+    assert onecycle.lr(0) == pytest.approx(1e-2 / 25, rel=1e-3)
+    assert onecycle.lr(299) == pytest.approx(1e-2) and onecycle.lr(999) == pytest.approx(1e-5)
+    constant = LRSchedule.plan(TrainConfig(warmup_epochs=0.5).validate(), 1e-3, steps_per_epoch=10)
+    assert [constant.lr(s) for s in (0, 4, 5, 29)] == pytest.approx([2e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_a_warmup_as_long_as_the_run_is_refused(tmp_path, data_dir):
+    result = train_tiny(tmp_path / "run", data_dir, "--epochs", "1", "--warmup-steps", "32", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("dist-alexnet: error: the warmup (32 steps) is as long as the whole run "
+                                     "(32 optimizer steps in --epochs 1); shorten --warmup-steps or --warmup-epochs")
+
+
+def test_lr_scaling_scales_from_the_reference_batch_to_the_global_batch(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    result = train_tiny(run_dir, data_dir, "--max-steps", "2", "--log-every", "1", "--lr-scaling", "linear",
+                        "--lr-reference-batch", "16")
+    assert "learning rate 0.002 (--lr 0.001 scaled linear from batch 16 to 32)" in result.stdout
+    assert [lr for _, lr in scalars(run_dir, "train/lr")] == pytest.approx([2e-3, 2e-3])
+    assert TrainConfig(lr_scaling="sqrt", batch_size=128).validate().effective_lr(4) == pytest.approx(2e-3)
+
+
+def test_the_global_batch_must_divide_by_processes_and_accumulation():
+    with pytest.raises(ConfigError, match=r"--global-batch-size 100 does not divide by 1 process\(es\) x "
+                                          r"--grad-accum 3 = 3: use a multiple of 3 \(e.g. 99 or 102\)"):
+        TrainConfig(global_batch_size=100, grad_accum=3).validate().per_process_batch(1)
+
+
+# ----------------------------------------------------------------------------- the same optimization on 1 or 2
+
+def per_step_losses(run_dir: Path) -> list[float]:
+    return [loss for _, loss in scalars(run_dir, "train/loss")]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
+
+
+def assert_same_optimization(a: Path, b: Path, steps: int) -> None:
+    """Same steps, per-step losses within float tolerance (the same sums in another order), and final weights
+    within a fraction of one Adam step (lr 1e-3: a weight whose gradient is near 0 can move either way)."""
+    assert metrics(a)["steps"] == metrics(b)["steps"] == steps
+    torch.testing.assert_close(torch.tensor(per_step_losses(a)), torch.tensor(per_step_losses(b)), rtol=1e-4,
+                               atol=1e-5)
+    weights_a, weights_b = final_weights(a), final_weights(b)
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=5e-4)
+
+
+@pytest.mark.slow
+def test_global_batch_size_gives_the_same_run_on_one_and_two_processes(tmp_path, data_dir):
+    args = ["--global-batch-size", "32", "--dropout", "0", "--epochs", "1", "--log-every", "1", "--max-steps", "12"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_tiny(one, data_dir, *args)
+    result = train_tiny(two, data_dir, *args, processes=2)
+    assert "global batch 32" in result.stdout and "not scaled" not in result.stdout
+    assert_same_optimization(one, two, steps=12)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_ddp_equals_the_bigger_batch(tmp_path, data_dir):
+    """2 processes x 2 micro-batches of 8 = 2 processes x 16, step for step."""
+    common = ["--dropout", "0", "--epochs", "1", "--log-every", "1", "--max-steps", "10"]
+    accumulated, plain = tmp_path / "accumulated", tmp_path / "plain"
+    train_tiny(accumulated, data_dir, *common, "--batch-size", "8", "--grad-accum", "2", processes=2)
+    train_tiny(plain, data_dir, *common, "--batch-size", "16", processes=2)
+    assert_same_optimization(accumulated, plain, steps=10)
+
+
+@pytest.mark.slow
+def test_the_epochs_last_shorter_accumulation_group_is_left_out(tmp_path, data_dir):
+    """1024 samples in steps of 2 x 8 x 3 = 48: 21 whole steps, the last 16 samples left out, as a batch of
+    2 x 24 leaves them out; so every step averages 48 samples, the last one too, and the next epoch's groups
+    start afresh. (Compared into the second epoch only: float differences of 1e-7 grow step by step.)"""
+    common = ["--dropout", "0", "--epochs", "2", "--log-every", "1", "--max-steps", "24"]
+    accumulated, plain = tmp_path / "accumulated", tmp_path / "plain"
+    train_tiny(accumulated, data_dir, *common, "--batch-size", "8", "--grad-accum", "3", processes=2)
+    train_tiny(plain, data_dir, *common, "--batch-size", "24", processes=2)
+    assert_same_optimization(accumulated, plain, steps=24)
+    state = json.loads((list_checkpoints(accumulated)[0] / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["position"]) == (21, 1, 0)
+
+
+# ----------------------------------------------------------------------------- the weight average
+
+def test_the_weight_average_is_evaluated_checkpointed_and_exported(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    train_tiny(run_dir, data_dir, "--epochs", "1", "--ema-decay", "0.9")
+    checkpoint = list_checkpoints(run_dir)[-1]
+    average, weights = load_file(checkpoint / "ema.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert average.keys() == weights.keys() and any(not torch.equal(average[k], weights[k]) for k in average)
+    m = metrics(run_dir)
+    assert "raw_test_acc" in m
+    assert [v for _, v in scalars(run_dir, "test/raw_acc")] == pytest.approx([m["raw_test_acc"]])
+    # evaluate, and an export, use the average: the run's own figure
+    evaluated = json.loads(run(["--checkpoint", str(checkpoint), "--json"], subcommand="evaluate").stdout)
+    assert evaluated["test_acc"] == m["test_acc"] and evaluated["test_loss"] == m["test_loss"]
+    run(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")], subcommand="export")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert all(torch.equal(exported[k], average[k]) for k in average)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16's gradient scaler runs only on CUDA and this "
+                                                          "machine has no usable GPU")
+def test_a_step_the_gradient_scaler_skipped_is_not_applied(monkeypatch):
+    """fp16 on a real GradScaler: an inf gradient makes it skip the update, and train_step says so (the loop then
+    leaves the schedule's clock and the weight average where they were)."""
+    from accelerate import Accelerator
+
+    from dist_alexnet.model import build_model
+    from dist_alexnet.optimization import make_optimizer
+    from dist_alexnet.stats import StepStats
+    from dist_alexnet.steps import train_step
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    cfg = TrainConfig(model_width=0.125, image_size=64, mixed_precision="fp16").validate()
+    accelerator = Accelerator(mixed_precision="fp16")
+    model = build_model(cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(model, make_optimizer(cfg, model, cfg.lr))
+    first = next(model.parameters())
+    inputs = torch.randn(8, 1, 64, 64, device=accelerator.device)
+    labels = torch.randint(0, 10, (8,), device=accelerator.device)
+    stats = StepStats(accelerator)
+    handle = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    end = train_step(model, optimizer, accelerator, inputs, labels, stats)
+    handle.remove()
+    assert end is not None and not end.applied
+    assert train_step(model, optimizer, accelerator, inputs, labels, stats).applied
