@@ -29,11 +29,16 @@ demo: $(STAMP)
 	@echo "run directory: $(DEMO_DIR) (config.yaml, metrics.json, checkpoints/, tensorboard/)"
 	@echo "open TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/tensorboard  (then http://localhost:6006)"
 
-# The real job: Fashion-MNIST (downloaded into ./data when missing) on every visible GPU.
+# The real job: Fashion-MNIST (downloaded into ./data when missing) on every visible GPU. A crashed worker
+# restarts the group (up to WORKER_RESTARTS times), which resumes from the newest checkpoint.
 NGPUS = $(shell nvidia-smi -L 2>/dev/null | wc -l)
+WORKER_RESTARTS ?= 3
+FREE_PORT = $(shell $(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 train: $(STAMP)
 	@if [ "$(NGPUS)" -gt 0 ]; then \
-		$(BIN)/accelerate launch --config_file launch/accelerate/one_node.yaml --num_processes $(NGPUS) \
+		PET_RDZV_ENDPOINT=127.0.0.1:$(FREE_PORT) TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
+		$(BIN)/accelerate launch --config_file launch/accelerate/one_node.yaml \
+			--num_processes $(NGPUS) --rdzv_backend c10d --max_restarts $(WORKER_RESTARTS) \
 			-m dist_alexnet.cli train $(ARGS); \
 	else \
 		echo "no GPU found: training on the CPU (slow at 224; try ARGS='--image-size 64')"; \

@@ -24,18 +24,23 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save as save_safetensors
 
+from dist_alexnet.errors import CheckpointError
+
 CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})$")
-REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng_states.pt", "trainer_state.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or not ours. The message names the file."""
+PNG_FILES = ("loss.png", "accuracy.png", "throughput.png", "confusion_matrix.png", "class_accuracy.png",
+             "misclassified.png", "inputs.png")  # the report's figures
+# trainer_state.json: each key's type (None allowed where the tuple says so)
+TRAINER_STATE_TYPES = {"step": (int,), "epoch": (int,), "position": (int,), "best_test_acc": (float, int, type(None)),
+                       "test_acc": (float, int, type(None)), "pending_train_sums": (list,), "world_size": (int,),
+                       "signature": (dict,), "config": (dict,)}
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -48,7 +53,12 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and CHECKPOINT_NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint directory (step_NNNNNN) is named for."""
+    return int(CHECKPOINT_NAME.match(checkpoint.name).group(1))
 
 
 def half_written(run_dir: str | os.PathLike) -> list[Path]:
@@ -91,11 +101,12 @@ def _write_file(path: Path, content) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, object], trainer_state: dict,
-                    keep: int) -> Path:
-    """Write step_NNNNNN atomically (rank 0 only), then apply retention.
+                    keep: int, protect: Path | None = None) -> Path:
+    """Write step_NNNNNN atomically (rank 0 only), then apply retention, which never deletes this checkpoint
+    nor `protect` (the one the run resumed from).
 
-    `files` maps file names to what goes in them: the model's state dict (saved with safetensors)
-    under "model.safetensors", anything else is saved with torch.save.
+    `files` maps file names to what goes in them: state dicts (saved with safetensors) under "*.safetensors",
+    anything else is saved with torch.save.
     """
     folder = checkpoint_dir(run_dir)
     final = folder / f"step_{step:06d}"
@@ -123,7 +134,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, obje
                               f"or choose another --output-dir") from None
     if trainer_state.get("test_acc") is not None and trainer_state["test_acc"] >= trainer_state["best_test_acc"]:
         _point_best_at(final)
-    _apply_retention(run_dir, keep)
+    _apply_retention(run_dir, keep, protected={final, protect})
     return final
 
 
@@ -143,11 +154,22 @@ def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
 
 
-def _apply_retention(run_dir: str | os.PathLike, keep: int) -> None:
-    best = best_checkpoint(run_dir)
+def _apply_retention(run_dir: str | os.PathLike, keep: int, protected: set) -> None:
+    keep_too = {p.resolve() for p in protected | {best_checkpoint(run_dir)} if p is not None}
     for old in list_checkpoints(run_dir)[:-keep]:
-        if best is None or old.resolve() != best:
+        if old.resolve() not in keep_too:
             _remove(old)
+
+
+def move_old_run_aside(run_dir: str | os.PathLike) -> Path:
+    """Move an earlier run's checkpoints, events and results into <run_dir>/old-<time>/ (rank 0 only)."""
+    run_dir = Path(run_dir)
+    target = run_dir / f"old-{datetime.now():%Y%m%d-%H%M%S}"
+    target.mkdir()
+    for name in ("checkpoints", "tensorboard", "metrics.json", "report.md", "config.yaml", *PNG_FILES):
+        if os.path.lexists(run_dir / name):
+            os.rename(run_dir / name, target / name)
+    return target
 
 
 # ----------------------------------------------------------------------------- loading
@@ -183,13 +205,35 @@ def load_tensors(path: Path, map_location="cpu"):
                               f"({first[:200]})") from None
 
 
-def load_checkpoint(checkpoint: Path) -> dict:
-    """Everything a resume needs, read and validated; raises CheckpointError naming the bad file."""
+class IncompatibleCheckpoint(CheckpointError):
+    """A sound checkpoint, made for another model or data set: no reason to fall back to an older one."""
+
+
+@dataclass
+class Expected:
+    """What a checkpoint must hold to be loaded into this run: its signature (model width, data set), the shape
+    of each weight, and of each parameter of each of the optimizer's groups."""
+    signature: dict
+    model_shapes: dict[str, tuple]
+    optimizer_groups: list[list[tuple]]
+
+    @classmethod
+    def of(cls, signature: dict, model, optimizer) -> Expected:
+        return cls(signature, {name: tuple(t.shape) for name, t in model.state_dict().items()},
+                   [[tuple(p.shape) for p in group["params"]] for group in optimizer.param_groups])
+
+
+def load_checkpoint(checkpoint: Path, expected: Expected | None = None) -> dict:
+    """Everything a resume needs, read and validated (against `expected` when given); raises CheckpointError
+    naming the bad file."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist (expected a checkpoints/step_NNNNNN "
                               f"directory)")
     state = read_trainer_state(checkpoint)
+    _check_trainer_state(state, checkpoint)
+    if expected is not None:
+        check_compatible(state, expected.signature, checkpoint)
     loaded = {
         "path": checkpoint,
         "trainer_state": state,
@@ -201,21 +245,83 @@ def load_checkpoint(checkpoint: Path) -> dict:
         loaded["scaler"] = load_tensors(checkpoint / "scaler.pt")
     if (checkpoint / "ema.safetensors").exists():
         loaded["ema"] = load_model_state(checkpoint / "ema.safetensors")
+    _check_rng_states(loaded["rng_states"], checkpoint / "rng_states.pt")
+    if expected is not None:
+        check_weights(loaded["model"], expected.model_shapes, checkpoint / "model.safetensors")
+        if "ema" in loaded:
+            check_weights(loaded["ema"], expected.model_shapes, checkpoint / "ema.safetensors")
+        _check_optimizer(loaded["optimizer"], expected.optimizer_groups, checkpoint / "optimizer.pt")
     return loaded
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str, log) -> dict | None:
-    """--resume none: nothing. PATH: that checkpoint (an error if it is bad). auto: the newest
-    complete checkpoint of the run, falling back to older ones (with a warning) when it is corrupt."""
+def _check_trainer_state(state, checkpoint: Path) -> None:
+    path = checkpoint / "trainer_state.json"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not the trainer's state")
+    for key, kinds in TRAINER_STATE_TYPES.items():
+        if key not in state:
+            raise CheckpointError(f"{path} lacks {key!r}: it is damaged or not a dist-alexnet checkpoint")
+        if not isinstance(state[key], kinds) or isinstance(state[key], bool):
+            kind = {int: "whole number", float: "number", list: "list", dict: "mapping"}[kinds[0]]
+            raise CheckpointError(f"{path}: {key} is {state[key]!r}, not a {kind}")
+    if state["step"] < 0 or state["epoch"] < 0 or state["position"] < 0 or len(state["pending_train_sums"]) != 3:
+        raise CheckpointError(f"{path}: step, epoch or position is negative, or the pending sums are not three")
+    named = CHECKPOINT_NAME.match(checkpoint.name)
+    if named and int(named.group(1)) != state["step"]:
+        raise CheckpointError(f"{path} says step {state['step']} but the checkpoint is {checkpoint.name}: it was "
+                              f"renamed or mixed up with another")
+
+
+def _check_rng_states(states, path: Path) -> None:
+    if not (isinstance(states, list) and states and all(
+            isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor) and s["cpu"].dtype == torch.uint8
+            for s in states)):
+        raise CheckpointError(f"{path} does not hold one RNG state per rank")
+
+
+def check_weights(weights: dict, shapes: dict, path: Path, model: str = "this run's model") -> None:
+    """Raise CheckpointError unless `weights` has exactly the names and shapes of `shapes` (the model's)."""
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if found != shapes:
+        name = sorted(set(shapes.items()) ^ set(found.items()))[0][0]
+        raise CheckpointError(f"{path} holds weights of another architecture, not {model} (first difference: {name} "
+                              f"is {found.get(name, 'missing')} there, {shapes.get(name, 'not part of the model')} "
+                              f"in the model)")
+
+
+def _check_optimizer(saved, groups: list[list[tuple]], path: Path) -> None:
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list)):
+        raise CheckpointError(f"{path} is not an optimizer's state")
+    sizes = [len(group.get("params", ())) for group in saved["param_groups"] if isinstance(group, dict)]
+    if sizes != [len(g) for g in groups]:
+        raise CheckpointError(f"{path} is for parameter groups of sizes {sizes}, this optimizer has "
+                              f"{[len(g) for g in groups]}")
+    shapes = [shape for group in groups for shape in group]
+    for index, values in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(shapes) or not isinstance(values, dict):
+            raise CheckpointError(f"{path} holds state for a parameter this optimizer does not have ({index!r})")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shapes[index]:
+                raise CheckpointError(f"{path}: {name} of parameter {index} is {tuple(value.shape)}, the parameter "
+                                      f"is {shapes[index]}")
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str, log, expected: Expected | None = None
+                           ) -> dict | None:
+    """--resume none: nothing. PATH: that checkpoint (an error if it is bad). auto: the newest complete and
+    valid checkpoint of the run, falling back to older ones (with a warning) when it is corrupt."""
     if resume == "none":
         return None
     if resume != "auto":
-        return load_checkpoint(Path(resume))
+        return load_checkpoint(Path(resume), expected)
     for leftover in half_written(run_dir):
         log(f"warning: ignoring half-written checkpoint {leftover} (an earlier run was interrupted while saving)")
     for candidate in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(candidate)
+            return load_checkpoint(candidate, expected)
+        except IncompatibleCheckpoint:
+            raise
         except CheckpointError as err:
             log(f"warning: skipping checkpoint {candidate}: {err}; falling back to the previous one")
     return None
@@ -227,5 +333,5 @@ def check_compatible(trainer_state: dict, signature: dict, path: Path) -> None:
     different = [f"{key} {saved.get(key)!r} (this run: {value!r})" for key, value in signature.items()
                  if saved.get(key) != value]
     if different:
-        raise CheckpointError(f"checkpoint {path} was made for a different model or data set: "
+        raise IncompatibleCheckpoint(f"checkpoint {path} was made for a different model or data set: "
                               f"{', '.join(different)}; use another --output-dir or --resume none")

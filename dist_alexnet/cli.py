@@ -8,13 +8,12 @@ import json
 import sys
 
 from dist_alexnet import __version__
-from dist_alexnet.checkpoint import CheckpointError
 from dist_alexnet.config import DATA_OPTIONS, ConfigError, add_arguments, config_from_args
-from dist_alexnet.datasets import DataError
-from dist_alexnet.report import ReportError
+from dist_alexnet.errors import EXIT_CODES
+from dist_alexnet.preemption import PreemptionFlag
 
-# Errors that come from what the user handed us: one clear line and exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ReportError)
+# Errors that end the command with one clear line (and their exit code), no traceback.
+ONE_LINE_ERRORS = tuple(EXIT_CODES)
 MODEL_HELP = "a training checkpoint (checkpoints/step_NNNNNN), a run directory (its best checkpoint) or an export"
 
 
@@ -90,20 +89,20 @@ def model_command(commands, debug: argparse.ArgumentParser, name: str, run, help
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)  # a bad option is reported before the slow imports below
-    from dist_alexnet.train import TrainingDiverged, train  # imports accelerate, tensorboard, matplotlib
+    # The preemption signals are caught from the first moment: one that comes during the slow imports or the
+    # set-up is answered at the first training step (a checkpoint, then the requeue), not by dying of it.
+    with PreemptionFlag() as preemption:
+        cfg = config_from_args(args)  # a bad option is reported before the slow imports below
+        from dist_alexnet.train import train  # imports torch, accelerate, tensorboard, matplotlib
 
-    try:
-        train(cfg)
-    except TrainingDiverged as err:
-        print(f"dist-alexnet: error: {err}", file=sys.stderr)
-        return 3
-    finally:
-        # Free the DDP model while the interpreter is fully alive: it keeps the gloo process group and its
-        # worker threads alive past destroy_process_group, and destroying them at interpreter shutdown can
-        # abort the process ("terminate called without an active exception"), more often when a rank
-        # finishes earlier than the others.
-        gc.collect()
+        try:
+            train(cfg, preemption)
+        finally:
+            # Free the DDP model while the interpreter is fully alive: it keeps the gloo process group and its
+            # worker threads alive past destroy_process_group, and destroying them at interpreter shutdown can
+            # abort the process ("terminate called without an active exception"), more often when a rank
+            # finishes earlier than the others.
+            gc.collect()
     return 0  # also after a preemption: the checkpoint is saved and the job (re)queued
 
 
@@ -164,20 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except USER_ERRORS as err:
-        return report_error(err, args, code=2)
-    except Exception as err:
-        from dist_alexnet.distributed import RankFailed  # imported only once something failed: keep start-up fast
-
-        if isinstance(err, RankFailed):  # another rank printed the traceback; here one line
-            return report_error(err, args, code=1)
-        raise
+    except ONE_LINE_ERRORS as err:
+        if getattr(args, "debug", False):
+            raise
+        return report_error(err, next(code for kind, code in EXIT_CODES.items() if isinstance(err, kind)))
 
 
-def report_error(err: Exception, args: argparse.Namespace, code: int) -> int:
-    """One `dist-alexnet: error:` line per line of the message (the full traceback with --debug)."""
-    if getattr(args, "debug", False):
-        raise err
+def report_error(err: Exception, code: int) -> int:
+    """One `dist-alexnet: error:` line per line of the message; returns the exit code."""
     lines = str(err).splitlines() or [type(err).__name__]
     # one write: the lines of several ranks sharing a pipe do not interleave (print writes the newline apart)
     sys.stderr.write("".join(f"dist-alexnet: error: {line}\n" for line in lines))

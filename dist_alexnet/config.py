@@ -17,9 +17,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad option. The message lists every problem found, one per line, each with its fix."""
+from dist_alexnet.errors import ConfigError
 
 
 def _opt(default, help: str, **extra):
@@ -105,8 +103,16 @@ class TrainConfig:
     checkpoint_every: int | None = _opt(None, "optimizer steps between checkpoints (plus one at every "
                                         "epoch end and at exit)")
     keep_checkpoints: int = _opt(3, "newest K checkpoints kept (K >= 2), plus the best by test accuracy")
+    checkpoint_minutes: float | None = _opt(None, "also checkpoint whenever this many minutes of training have "
+                                            "passed since the last checkpoint (rank 0's clock)")
     requeue_on_preempt: bool | None = _opt(None, "after a preemption signal (SIGUSR1/SIGTERM) and its checkpoint, "
                                            "requeue the Slurm job with scontrol; unset = on inside a Slurm job")
+    collective_timeout: float = _opt(600.0, "seconds a rank waits in a collective (gradient all-reduce, stop "
+                                     "check, checkpoint) or for the others to join before it stops with one line "
+                                     "naming the likely cause; PyTorch's default is 1800")
+    move_old_checkpoints: bool = _opt(False, "when --resume none (or an older --resume PATH) meets a run directory "
+                                      "holding newer checkpoints, move the old run's checkpoints, events and results "
+                                      "to <output-dir>/old-<time>/ instead of refusing")
     log_every: int = _opt(50, "optimizer steps between log lines and TensorBoard points")
     log_figures: bool = _opt(True, "after each evaluation, draw the confusion matrix, per-class accuracy and "
                              "misclassified test images into TensorBoard (and the report); matplotlib takes "
@@ -142,6 +148,12 @@ class TrainConfig:
         problems += self._optimization_problems()
         need(self.image_size >= 64, f"--image-size must be >= 64 so AlexNet's feature map stays at least "
                                     f"1x1 before pooling (got {self.image_size})")
+        need(self.image_size <= 1024, f"--image-size must be <= 1024 (got {self.image_size}): the images are 28x28, "
+                                      f"and AlexNet's activations grow with the square of the side")
+        need(self.collective_timeout > 0 and math.isfinite(self.collective_timeout),
+             f"--collective-timeout must be a positive number of seconds (got {self.collective_timeout})")
+        need(self.checkpoint_minutes is None or self.checkpoint_minutes > 0,
+             f"--checkpoint-minutes must be positive (got {self.checkpoint_minutes})")
         need(0 < self.model_width <= 4, f"--model-width must be in (0, 4] (got {self.model_width})")
         need(self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 so a previous checkpoint survives "
                                          f"while a new one is written (got {self.keep_checkpoints})")
@@ -240,15 +252,25 @@ def resolve_mixed_precision(cfg: TrainConfig) -> str:
 def _field_type(f: dataclasses.Field) -> type:
     """The concrete type of a field: int for `int | None`, and so on."""
     hint = typing.get_type_hints(TrainConfig)[f.name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    if _optional(f):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     return hint
 
 
-def _coerce(name: str, value, kind: type, source: str):
+def _optional(f: dataclasses.Field) -> bool:
+    """Whether the field may be unset (None)."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    is_union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return is_union and type(None) in typing.get_args(hint)
+
+
+def _coerce(name: str, value, kind: type, optional: bool, source: str):
     """Check a YAML value's type (ints are fine where a float is wanted); raise ConfigError otherwise."""
     if value is None:
-        return None
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} must be {kind.__name__}, got an empty value (null, ~); give a value "
+                          f"or remove the key")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):
@@ -264,9 +286,15 @@ def _coerce(name: str, value, kind: type, source: str):
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; is it a YAML file?") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if data is None:
@@ -280,7 +308,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
         name = str(key).replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        values[name] = _coerce(name, value, _field_type(known[name]), f"config file {path}")
+        values[name] = _coerce(name, value, _field_type(known[name]), _optional(known[name]), f"config file {path}")
     return values
 
 
@@ -312,6 +340,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig(**values).validate()
+
+
+# What a resume does with an option whose value differs from the checkpoint's: it applies from the resumed step
+# on, and the log says so, except for these, which would change what the checkpoint's state means:
+REFUSED_ON_RESUME = {
+    "model_width": "the weights have the checkpoint's shapes",
+    "image_size": "the model learned from images of the checkpoint's size",
+    "optimizer": "the optimizer's saved state belongs to the checkpoint's optimizer",
+    "dataset": "the data position refers to the checkpoint's data set",
+    "synthetic_train_size": "the data position refers to the checkpoint's data set",
+    "synthetic_test_size": "the test set would not be the checkpoint's",
+    "limit_train": "the data position refers to the checkpoint's training samples",
+    "limit_test": "the test set would not be the checkpoint's",
+}
+# --seed orders every epoch: changed inside one, some samples would be seen twice and others never
+REFUSED_MID_EPOCH = {"seed": "the rest of the epoch would be drawn in another order (samples seen twice or never)"}
+SILENT_ON_RESUME = ("resume", "move_old_checkpoints")  # how this launch starts, not how the run trains
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, mid_epoch: bool, checkpoint) -> list[str]:
+    """Compare this run's options with those `checkpoint` was trained with (`saved`): a log line for each that
+    applies from here on; ConfigError for one a resume cannot take, saying how to go on."""
+    current = cfg.to_dict()
+    changed = {name: (saved[name], current[name]) for name in current
+               if name in saved and saved[name] != current[name] and name not in SILENT_ON_RESUME}
+    refused = {**REFUSED_ON_RESUME, **(REFUSED_MID_EPOCH if mid_epoch else {})}
+    for name, (old, new) in changed.items():
+        if name in refused:
+            old_flag = f"--{_flag(name)} {old}" if old is not None else f"no --{_flag(name)}"
+            raise ConfigError(f"--{_flag(name)} is {new} but {checkpoint} was trained with {old}: {refused[name]}; "
+                              f"resume with {old_flag}, or start a new run in another --output-dir")
+    return [f"--{_flag(name)} {old} -> {new}" for name, (old, new) in changed.items()]
 
 
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dist_alexnet.errors import DataError
+
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # Pixel statistics of the Fashion-MNIST training set, on the [0, 1] scale.
@@ -45,10 +47,6 @@ SAMPLE_DIR = Path(__file__).parent / "fashion_mnist_sample"
 SAMPLE_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 SAMPLE_TRAIN_SIZE = 3000
 OFFLINE_HINT = "--dataset fashion-mnist-sample (a real sample shipped with dist-alexnet) or --dataset synthetic"
-
-
-class DataError(ValueError):
-    """The data set is missing or malformed. The message names the file and the fix."""
 
 
 @dataclass
@@ -226,13 +224,20 @@ def synthetic_samples(n: int, generator: torch.Generator) -> tuple[torch.Tensor,
     return (images * 255).round().to(torch.uint8), labels
 
 
-def load_data(cfg) -> tuple[Split, Split]:
-    """The train and test splits named by the config (the synthetic set is generated on first use)."""
+def load_data(cfg, write: bool = True) -> tuple[Split, Split]:
+    """The train and test splits named by the config. The synthetic set is written on first use, unless `write`
+    is off (evaluate writes nothing): then it is generated in memory when its files are missing."""
     if cfg.dataset == "fashion-mnist-sample":
         train, test = load_sample()
         return train.head(cfg.limit_train), test.head(cfg.limit_test)
     if cfg.dataset == "synthetic":
         root = synthetic_root(cfg.data_dir, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
+        if not write and not all((root / "FashionMNIST" / "raw" / name).exists() for pair in IDX_FILES.values()
+                                 for name in pair):
+            generator = torch.Generator().manual_seed(SYNTHETIC_SEED)  # as make_synthetic draws them
+            train, test = (Split(*synthetic_samples(n, generator))
+                           for n in (cfg.synthetic_train_size, cfg.synthetic_test_size))
+            return train.head(cfg.limit_train), test.head(cfg.limit_test)
         try:
             make_synthetic(root, cfg.synthetic_train_size, cfg.synthetic_test_size, SYNTHETIC_SEED)
         except OSError as err:

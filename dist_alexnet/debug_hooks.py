@@ -1,8 +1,8 @@
 """Debugging and test hooks, all read from environment variables, all off unless set:
 
-  DIST_ALEXNET_SAMPLE_LOG=DIR     every rank appends "epoch sample-index" lines for each training sample it
-                                  consumes to DIR/rank<R>-<pid>.txt (proves that a resume neither repeats nor
-                                  skips samples)
+  DIST_ALEXNET_SAMPLE_LOG=DIR     every rank appends "epoch step sample-index" lines for each training sample
+                                  it consumes (step: the optimizer step it is for) to DIR/rank<R>-<pid>.txt,
+                                  which proves that a resume neither repeats nor skips samples
   DIST_ALEXNET_INJECT_NAN=R:S     rank R's loss is NaN at optimizer step S (tests the non-finite-loss stop)
 """
 
@@ -38,6 +38,6 @@ class DebugHooks:
         """Whether this rank's loss is to be made NaN at optimizer step `step`."""
         return self.nan_step == step
 
-    def record_samples(self, epoch: int, batch) -> None:
+    def record_samples(self, epoch: int, step: int, batch) -> None:
         if self.sample_log:
-            self.sample_log.write("".join(f"{epoch} {i}\n" for i in batch[2].tolist()))
+            self.sample_log.write("".join(f"{epoch} {step} {i}\n" for i in batch[2].tolist()))

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dist_alexnet.checkpoint import (CheckpointError, best_checkpoint, list_checkpoints, load_model_state,
-                                     read_trainer_state)
+from dist_alexnet.checkpoint import (CheckpointError, best_checkpoint, check_weights, list_checkpoints,
+                                     load_model_state, read_trainer_state)
 from dist_alexnet.config import ConfigError, TrainConfig, cuda_usable
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.inputs import to_model_input
@@ -25,6 +26,8 @@ from dist_alexnet.model import AlexNet, count_parameters
 
 MODEL_CARD = "model_card.json"
 EXPORT_FORMAT = "dist-alexnet-export/1"
+# predict's limit: a picture of a garment needs far fewer pixels (and a 12000x12000 PNG of 140 KB takes 3.5 GB)
+MAX_PIXELS = 40_000_000
 # Named in predict's message about a directory without images (PIL reads many more).
 COMMON_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
@@ -90,13 +93,8 @@ def load_trained_model(path: str | os.PathLike, log=print) -> TrainedModel:
     # a run with --ema-decay evaluated (and exports) the moving average of its weights
     weights_file = folder / "ema.safetensors" if (folder / "ema.safetensors").exists() else folder / "model.safetensors"
     weights = load_model_state(weights_file)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in weights.items()}
-    if found != expected:
-        name = sorted(set(expected.items()) ^ set(found.items()))[0][0]
-        raise CheckpointError(f"{weights_file} holds weights of another architecture, not dist-alexnet's AlexNet "
-                              f"at width {width:g} (first difference: {name} is {found.get(name, 'missing')} "
-                              f"there, {expected.get(name, 'not part of the model')} in the model)")
+    check_weights(weights, {name: tuple(t.shape) for name, t in model.state_dict().items()}, weights_file,
+                  f"dist-alexnet's AlexNet at width {width:g}")
     model.load_state_dict(weights)
     return TrainedModel(model.eval(), folder, image_size, config, state, card)
 
@@ -120,6 +118,8 @@ def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:
     # evaluation batches are per process: a run's --global-batch-size becomes the batch (unless one is given)
     values["batch_size"] = values.get("batch_size") or values.get("global_batch_size")
     values.update(overrides, output_dir=None, resume="none", global_batch_size=None)
+    if "download" not in overrides:  # evaluate writes nothing unless asked to: a card's data_dir may point anywhere
+        values["download"] = False
     if "mixed_precision" not in overrides and values.get("mixed_precision") == "fp16" and not cuda_usable():
         values["mixed_precision"] = "no"  # a GPU run's checkpoint evaluated on a CPU
     return TrainConfig(**values).validate()
@@ -135,7 +135,7 @@ def evaluate_checkpoint(checkpoint: str, split: str, overrides: dict) -> dict | 
     trained = load_trained_model(checkpoint, log=lambda message: print(message, file=sys.stderr))
     cfg = evaluation_config(trained, overrides)
     accelerator = make_accelerator(cfg)
-    train_split, test_split = load_data_on_every_rank(cfg, accelerator)
+    train_split, test_split = load_data_on_every_rank(cfg, accelerator, write=False)
     data = test_split if split == "test" else train_split
     loader, _ = make_loader(data, cfg, train=False)
     # evaluation_mode: autocast as in training, but no DDP wrapper (nothing to synchronize).
@@ -208,9 +208,20 @@ def read_image(path: Path, invert: bool = False) -> torch.Tensor:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # PIL's own, looser limit warns; ours below refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only: the size is known before the pixels are decoded
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {image.width}x{image.height} pixels is more than the "
+                                 f"{MAX_PIXELS / 1e6:g} megapixels predict reads; scale it down first; skipped")
             image.load()
             gray = grayscale(image, background=1.0 if invert else 0.0)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:  # beyond twice PIL's limit it refuses on its own
+        raise ImageError(f"{path}: more than the {MAX_PIXELS / 1e6:g} megapixels predict reads ({err}); scale it "
+                         f"down first; skipped") from None
     except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImageError(f"{path}: cannot read it as an image ({reason}); skipped") from None

@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_alexnet.datasets import CLASS_NAMES
+from dist_alexnet.errors import ReportError
 from dist_alexnet.figures import accuracy_figure, loss_figure, throughput_figure, to_png
 from dist_alexnet.monitor import class_tag
-
-
-class ReportError(ValueError):
-    """The directory is not a run directory with TensorBoard events."""
 
 
 @dataclass
@@ -67,8 +64,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
     events = read_events(run_dir / "tensorboard")
-    metrics_file = run_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    metrics = read_metrics(run_dir / "metrics.json")
     config_file = run_dir / "config.yaml"
     config = config_file.read_text() if config_file.exists() else _uncode(_text(events, "run/config"))
 
@@ -124,12 +120,29 @@ def write_report(run_dir: str | Path) -> Path:
     return report
 
 
+METRICS_KEYS = ("test_acc", "test_loss", "test_correct", "test_samples", "train_loss", "steps", "epochs", "world_size",
+                "distributed_type", "mixed_precision", "train_images_per_sec", "wall_seconds")
+
+
+def read_metrics(path: Path) -> dict | None:
+    """metrics.json as the trainer writes it, or None: missing, unreadable, cut short, or not its shape."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and all(key in metrics for key in METRICS_KEYS) else None
+
+
+def _number(value, spec: str, missing: str = "n/a") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else missing
+
+
 def _headline(events: Events, metrics: dict | None) -> list[str]:
     """The numbers that judge the run: from metrics.json, else (the run did not finish) the last events."""
     if metrics is None:
         last_step = max((s[-1][0] for s in events.scalars.values() if s), default=0)
         test_acc = events.last("test/acc", math.nan)
-        return ["**The run did not finish** (no metrics.json): the numbers are the last ones logged.", "",
+        return ["**The run did not finish** (no complete metrics.json): the numbers are the last ones logged.", "",
                 "| | |", "|---|---|",
                 f"| test accuracy | {test_acc:.4f} |",
                 f"| test loss | {events.last('test/loss', math.nan):.4f} |",
@@ -138,12 +151,13 @@ def _headline(events: Events, metrics: dict | None) -> list[str]:
     m = metrics
     return ["| | |", "|---|---|",
             f"| test accuracy | **{m['test_acc']:.4f}** ({m['test_correct']}/{m['test_samples']} test images) |",
-            f"| test loss | {m['test_loss']:.4f} |",
-            f"| final training loss | {m['train_loss']:.4f} |",
+            f"| test loss | {_number(m['test_loss'], '.4f')} |",
+            f"| final training loss | {_number(m['train_loss'], '.4f')} |",
             f"| optimizer steps / epochs | {m['steps']} / {m['epochs']} |",
             f"| processes | {m['world_size']} ({m['distributed_type']}), mixed precision {m['mixed_precision']} |",
-            f"| training throughput | {m['train_images_per_sec']:.0f} images/s |",
-            f"| wall time | {m['wall_seconds']:.1f} s |"]
+            f"| training throughput | {_number(m['train_images_per_sec'], '.0f', 'n/a (this launch trained nothing)')}"
+            f"{' images/s' if isinstance(m['train_images_per_sec'], (int, float)) else ''} |",
+            f"| wall time | {_number(m['wall_seconds'], '.1f')} s |"]
 
 
 def _per_class_table(events: Events) -> list[str]:

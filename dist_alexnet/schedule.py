@@ -17,6 +17,7 @@ class Schedule:
     total_steps: int  # the step this launch stops after: the end of the last epoch, or --max-steps
     log_every: int
     checkpoint_every: int | None
+    checkpoint_minutes: float | None = None
 
     @classmethod
     def plan(cls, cfg, train_samples: int, world_size: int, state) -> Schedule:
@@ -32,7 +33,8 @@ class Schedule:
             total += train_samples // step_samples * (epochs_left - 1)
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        return cls(train_samples, micro, step_samples, total, cfg.log_every, cfg.checkpoint_every)
+        return cls(train_samples, micro, step_samples, total, cfg.log_every, cfg.checkpoint_every,
+                   cfg.checkpoint_minutes)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -49,8 +51,13 @@ class Schedule:
         """A log point (TensorBoard scalars, a log line): every --log-every steps and at the last step."""
         return step % self.log_every == 0 or self.is_last(step)
 
-    def should_checkpoint(self, step: int, position: int) -> bool:
-        """A checkpoint inside an epoch every --checkpoint-every steps. The end of an epoch and the end of the
-        run have their own checkpoint, after their evaluation."""
-        return (bool(self.checkpoint_every) and step % self.checkpoint_every == 0
-                and not self.epoch_over(position) and not self.is_last(step))
+    def checkpoint_due(self, seconds_since_checkpoint: float) -> bool:
+        """--checkpoint-minutes have passed since the last checkpoint (asked on rank 0's clock: every rank
+        learns its answer in the step's stop check)."""
+        return bool(self.checkpoint_minutes) and seconds_since_checkpoint >= 60 * self.checkpoint_minutes
+
+    def should_checkpoint(self, step: int, position: int, time_due: bool = False) -> bool:
+        """A checkpoint inside an epoch: every --checkpoint-every steps, and when rank 0 found one due by time.
+        The end of an epoch and the end of the run have their own checkpoint, after their evaluation."""
+        by_steps = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+        return (by_steps or time_due) and not self.epoch_over(position) and not self.is_last(step)

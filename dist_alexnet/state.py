@@ -23,12 +23,14 @@ class TrainState:
     # global [loss x samples, correct, samples] of the steps since the last log point, so that a resumed run's
     # first point covers the same steps as the uninterrupted run's
     pending_train_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    last_train_loss: float | None = None  # the training loss at the latest log point (for the final metrics)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, saved: dict) -> None:
-        saved = {"applied_steps": saved["step"], **saved}  # checkpoints of 0.1 have none: every step was applied
+        # checkpoints of 0.1 have neither: every step was applied, and the last loss is in the event files
+        saved = {"applied_steps": saved["step"], "last_train_loss": None, **saved}
         for f in dataclasses.fields(self):
             setattr(self, f.name, saved[f.name])
 

@@ -79,10 +79,10 @@ class StepStats:
         self.epoch_seconds.append(now - self.epoch_start)
         return self.epoch_seconds[-1]
 
-    def images_per_sec(self) -> float:
-        """Training images per second over the whole launch, all processes together."""
+    def images_per_sec(self) -> float | None:
+        """Training images per second over the whole launch, all processes together (None: it trained nothing)."""
         seconds = sum(self.epoch_seconds)
-        return self.samples_trained * self.accelerator.num_processes / seconds if seconds else 0.0
+        return self.samples_trained * self.accelerator.num_processes / seconds if self.samples_trained else None
 
     # --- reading, on every rank (each is a collective)
 

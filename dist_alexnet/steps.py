@@ -17,13 +17,15 @@ class StepEnd:
     """What the micro-batch that completed an optimizer step found out; every rank has the same."""
     nonfinite_ranks: list[int]  # ranks whose loss was NaN/inf in this step: then the update was not applied
     stop_requested: bool  # some rank got a preemption signal: every rank stops after this step
+    checkpoint_due: bool = False  # rank 0 found a checkpoint due by time (--checkpoint-minutes)
     grad_norm: torch.Tensor | None = None  # when asked for or clipping: the gradient's L2 norm before clipping
     applied: bool = False  # the optimizer changed the weights (not when fp16's gradient scaler skipped the step)
 
 
 def train_step(model, optimizer, accelerator: Accelerator, inputs: torch.Tensor, labels: torch.Tensor,
                stats: StepStats, *, label_smoothing: float = 0.0, grad_clip: float | None = None,
-               stop_requested: bool = False, measure_grad_norm: bool = False, poison: bool = False) -> StepEnd | None:
+               stop_requested: bool = False, checkpoint_due: bool = False, measure_grad_norm: bool = False,
+               poison: bool = False) -> StepEnd | None:
     """One micro-batch: forward, backward; on the micro-batch that completes an optimizer step, the stop check,
     the gradient's norm (clipped to `grad_clip`), then (unless some rank's loss was not finite) the update.
     Returns the StepEnd of a completed step, None between the micro-batches of a gradient-accumulation group.
@@ -37,7 +39,7 @@ def train_step(model, optimizer, accelerator: Accelerator, inputs: torch.Tensor,
         stats.add(loss, logits, labels)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            end = agree_on_step_end(accelerator, stats.take_nonfinite(), stop_requested)
+            end = agree_on_step_end(accelerator, stats.take_nonfinite(), stop_requested, checkpoint_due)
             if grad_clip is not None:
                 end.grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # unscales fp16 first
             elif measure_grad_norm:
@@ -50,13 +52,16 @@ def train_step(model, optimizer, accelerator: Accelerator, inputs: torch.Tensor,
     return end
 
 
-def agree_on_step_end(accelerator: Accelerator, nonfinite: torch.Tensor, stop_requested: bool) -> StepEnd:
-    """The stop check: each rank's [non-finite losses in this step, stop requested] gathered to every rank.
-    It is the training loop's one host-device sync per optimizer step."""
-    local = torch.stack([nonfinite.float(), torch.full_like(nonfinite, float(stop_requested))])
-    flags = accelerator.gather(local.reshape(1, 2)).tolist()
-    return StepEnd(nonfinite_ranks=[rank for rank, (bad, _) in enumerate(flags) if bad],
-                   stop_requested=any(stop for _, stop in flags))
+def agree_on_step_end(accelerator: Accelerator, nonfinite: torch.Tensor, stop_requested: bool,
+                      checkpoint_due: bool = False) -> StepEnd:
+    """The stop check: each rank's [non-finite losses in this step, stop requested, checkpoint due by its
+    clock] gathered to every rank; rank 0's clock is the one that counts. It is the training loop's one
+    host-device sync per optimizer step."""
+    local = torch.stack([nonfinite.float(), torch.full_like(nonfinite, float(stop_requested)),
+                         torch.full_like(nonfinite, float(checkpoint_due))])
+    flags = accelerator.gather(local.reshape(1, 3)).tolist()
+    return StepEnd(nonfinite_ranks=[rank for rank, (bad, _, _) in enumerate(flags) if bad],
+                   stop_requested=any(stop for _, stop, _ in flags), checkpoint_due=bool(flags[0][2]))
 
 
 def gradient_norm(model, accelerator: Accelerator) -> torch.Tensor:

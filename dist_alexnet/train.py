@@ -8,8 +8,11 @@ printing goes through Progress and TensorBoard through the monitor, both silent 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +21,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from dist_alexnet.checkpoint import check_compatible, find_resume_checkpoint, list_checkpoints, save_checkpoint
-from dist_alexnet.config import ConfigError, TrainConfig, save_yaml
+from dist_alexnet.checkpoint import (Expected, checkpoint_step, find_resume_checkpoint, list_checkpoints,
+                                     move_old_run_aside, save_checkpoint)
+from dist_alexnet.config import TrainConfig, resume_changes, save_yaml
 from dist_alexnet.datasets import Split
 from dist_alexnet.debug_hooks import DebugHooks
-from dist_alexnet.distributed import (check_output_dir, choose_run_dir, load_data_on_every_rank, make_accelerator,
-                                      on_main_process)
+from dist_alexnet.distributed import (check_output_dir, choose_run_dir, collective_failed, is_collective_failure,
+                                      load_data_on_every_rank, make_accelerator, on_main_process)
+from dist_alexnet.errors import ConfigError, TrainingDiverged
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
 from dist_alexnet.model import build_model
 from dist_alexnet.monitor import make_monitor, wait_to_sort_after_earlier_events
@@ -37,27 +42,37 @@ from dist_alexnet.stats import StepStats
 from dist_alexnet.steps import evaluate, train_step
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite on some rank; every rank stopped before applying it."""
-
-
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> dict:
     """Train, evaluate after every epoch, checkpoint, and return the final metrics (on every rank).
-    After a preemption signal it saves a checkpoint and returns {"preempted": True, ...} instead."""
+    After a preemption signal it saves a checkpoint and returns {"preempted": True, ...} instead.
+    `preemption`: the signal handlers, when the caller installed them earlier (the command line does)."""
     started = time.perf_counter()
-    run = set_up(cfg)
-    state = restore(run)
-    plan(run, state)
-    start_logging(run, state)
+    run, state = None, None
+    with contextlib.ExitStack() as held:  # the signal handlers, the run directory's lock, the debug hooks
+        preemption = preemption or held.enter_context(PreemptionFlag())
+        try:
+            run = set_up(cfg, held)
+            state = restore(run)
+            plan(run, state)
+            start_logging(run, state)
+            return fit(run, state, preemption, held.enter_context(DebugHooks(run.accelerator.process_index)),
+                       started)
+        except RuntimeError as err:  # another rank died or hung: one line here, not a watchdog's trace
+            if run is None or not is_collective_failure(err):
+                raise
+            raise collective_failed(err, run.accelerator, state.step if state else 0, cfg.collective_timeout) from err
+
+
+def fit(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: DebugHooks, started: float) -> dict:
+    """Epoch after epoch: train, evaluate, save; then the results, or a checkpoint when preempted."""
     results = None
-    with PreemptionFlag() as preemption, DebugHooks(run.accelerator.process_index) as hooks:
-        while not run.schedule.is_last(state.step):
-            if train_epoch(run, state, preemption, hooks) == "preempted":
-                return stop_for_preemption(run, state, preemption)
-            if run.schedule.epoch_over(state.position):
-                state.start_next_epoch()
-            results = evaluate_and_log(run, state)
-            save(run, state, test_acc=results["test_acc"])
+    while not run.schedule.is_last(state.step):
+        if train_epoch(run, state, preemption, hooks) == "preempted":
+            return stop_for_preemption(run, state, preemption)
+        if run.schedule.epoch_over(state.position):
+            state.start_next_epoch()
+        results = evaluate_and_log(run, state)
+        save(run, state, test_acc=results["test_acc"])
     if results is None:  # resumed from the final checkpoint: nothing left to train, evaluate it again
         results = evaluate_run(run)
     return finish(run, state, results, started)
@@ -85,6 +100,8 @@ class Run:
     lr_schedule: LRSchedule = field(init=False)
     stats: StepStats = field(init=False)
     monitor: object = field(init=False)
+    resumed_from: Path | None = None  # retention never deletes it
+    last_save: float = field(default_factory=time.monotonic)  # rank 0's clock decides --checkpoint-minutes
 
     @property
     def signature(self) -> dict:
@@ -95,15 +112,17 @@ class Run:
 
 # ----------------------------------------------------------------------------- before the loop
 
-def set_up(cfg: TrainConfig) -> Run:
-    """The Accelerator, the run directory (checked writable before any work), the data, the model with the
-    same initial weights on every rank, its optimizer (and weight average) and the loaders, prepared for DDP
-    and mixed precision."""
+def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
+    """The Accelerator, the run directory (checked writable and locked before any work; the lock is `held`
+    until the run ends), the data, the model with the same initial weights on every rank, its optimizer (and
+    weight average) and the loaders, prepared for DDP and mixed precision."""
     accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
     progress = Progress(enabled=accelerator.is_main_process)
     run_dir = choose_run_dir(cfg, accelerator)
-    check_output_dir(run_dir, accelerator)
+    lock = check_output_dir(run_dir, accelerator)
+    if lock is not None:
+        held.callback(lock.release)
     train_split, test_split = load_data_on_every_rank(cfg, accelerator)
     batch_size = cfg.per_process_batch(world)
     check_batch_fits(cfg, world, len(train_split))
@@ -136,17 +155,24 @@ def check_batch_fits(cfg: TrainConfig, world: int, train_samples: int) -> None:
 
 
 def restore(run: Run) -> TrainState:
-    """The state to start from: the checkpoint --resume chooses, loaded into the model, the optimizer, the
-    gradient scaler and every rank's RNG (each rank reads the same files and so makes the same choice),
-    or a fresh state."""
+    """The state to start from: the checkpoint --resume chooses, checked against this run's model, optimizer and
+    options, then loaded into the model, the optimizer, the gradient scaler, the weight average and every
+    rank's RNG (each rank reads the same files and so makes the same choice); or a fresh state."""
+    cfg, accelerator, log = run.cfg, run.accelerator, run.progress.log
     state = TrainState()
-    loaded = find_resume_checkpoint(run.dir, run.cfg.resume, run.progress.log)
+    model = accelerator.unwrap_model(run.model)
+    loaded = find_resume_checkpoint(run.dir, cfg.resume, log, Expected.of(run.signature, model, run.optimizer))
+    keep_clear_of_newer_checkpoints(run, loaded["trainer_state"]["step"] if loaded else 0)
     if loaded is None:
         return state
-    check_compatible(loaded["trainer_state"], run.signature, loaded["path"])
-    accelerator = run.accelerator
-    accelerator.unwrap_model(run.model).load_state_dict(loaded["model"])
+    saved = loaded["trainer_state"]
+    for change in resume_changes(saved["config"], cfg, mid_epoch=saved["position"] > 0, checkpoint=loaded["path"]):
+        log(f"resume: {change} from step {saved['step']}")
+    model.load_state_dict(loaded["model"])
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(loaded["optimizer"])
+    for group, ours in zip(run.optimizer.param_groups, settings):
+        group.update(ours)  # this run's weight decay, momentum...: the saved state, today's options
     if "scaler" in loaded and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(loaded["scaler"])
     if run.ema is not None:
@@ -154,18 +180,35 @@ def restore(run: Run) -> TrainState:
             run.ema.average.load_state_dict(loaded["ema"])
         else:
             run.ema.restart()
-            run.progress.log("note: the checkpoint has no weight average; --ema-decay starts one from its weights")
+            log("note: the checkpoint has no weight average; --ema-decay starts one from its weights")
     saved_rng = loaded["rng_states"]
     if accelerator.process_index < len(saved_rng):
         set_rng_state(saved_rng[accelerator.process_index])
     if len(saved_rng) != accelerator.num_processes:
-        run.progress.log(f"note: the checkpoint was made by {len(saved_rng)} process(es), this run has "
-                         f"{accelerator.num_processes}: the data continues from the same sample, dropout streams "
-                         f"are re-seeded where missing")
-    state.load_state_dict(loaded["trainer_state"])
-    run.progress.log(f"resumed from {loaded['path']} at step {state.step} (epoch {state.epoch + 1}, sample "
-                     f"{state.position} of {len(run.train_split)})")
+        log(f"note: the checkpoint was made by {len(saved_rng)} process(es), this run has {accelerator.num_processes}: "
+            f"the data continues from the same sample, dropout streams are re-seeded where missing")
+    state.load_state_dict(saved)
+    run.resumed_from = loaded["path"]
+    log(f"resumed from {loaded['path']} at step {state.step} (epoch {state.epoch + 1}, sample {state.position} of "
+        f"{len(run.train_split)})")
     return state
+
+
+def keep_clear_of_newer_checkpoints(run: Run, start_step: int) -> None:
+    """A run that starts afresh (--resume none) or from an older step (--resume PATH) in a directory that holds
+    newer checkpoints would mix its checkpoints with them, and retention (by step) would delete its own: refused,
+    or with --move-old-checkpoints the old run is moved aside first. (--resume auto starts from the newest valid
+    one; newer, damaged ones are replaced as the run reaches their steps.)"""
+    newer = [c for c in list_checkpoints(run.dir) if checkpoint_step(c) > start_step]
+    if not newer or run.cfg.resume == "auto":
+        return
+    if not run.cfg.move_old_checkpoints:
+        raise ConfigError(f"output directory {run.dir} holds checkpoints up to {newer[-1].name}, past the step this "
+                          f"run starts from ({start_step}): its checkpoints would mix with them and retention would "
+                          f"delete them; choose another --output-dir, or add --move-old-checkpoints to move the old "
+                          f"run aside")
+    moved = on_main_process(run.accelerator, lambda: move_old_run_aside(run.dir), "moving the old run aside")
+    run.progress.log(f"moved the earlier run's checkpoints, events and results to {moved}")
 
 
 def plan(run: Run, state: TrainState) -> None:
@@ -230,13 +273,14 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
     outcome = "trained"
     for batch in run.stats.timed(run.train_loader):
         step = state.step + 1  # the optimizer step this micro-batch belongs to
-        hooks.record_samples(state.epoch, batch)
+        hooks.record_samples(state.epoch, step, batch)
         run.monitor.show_inputs(batch, state.epoch, state.step)
         set_learning_rate(run.optimizer, run.lr_schedule.lr(state.applied_steps))
         inputs, labels = training_input(batch, run.cfg, state.epoch)
         end = train_step(run.model, run.optimizer, run.accelerator, inputs, labels, run.stats,
                          label_smoothing=run.cfg.label_smoothing, grad_clip=run.cfg.grad_clip,
                          stop_requested=preemption.received is not None,
+                         checkpoint_due=run.schedule.checkpoint_due(time.monotonic() - run.last_save),
                          measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step))
         state.position += run.schedule.micro_samples
         if end is None:  # inside a gradient-accumulation group
@@ -256,7 +300,7 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
             break
         if run.schedule.is_last(step):
             break
-        if run.schedule.should_checkpoint(step, state.position):
+        if run.schedule.should_checkpoint(step, state.position, time_due=end.checkpoint_due):
             save(run, state)
     run.stats.end_epoch()  # the epoch, or the part of it this launch trained
     return outcome
@@ -266,6 +310,7 @@ def log_training(run: Run, state: TrainState, grad_norm: torch.Tensor) -> None:
     """A log point, on every rank: the training figures since the previous one, global over all ranks."""
     values = run.stats.collect(state.step)
     values.update({"train/lr": run.optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm)})
+    state.last_train_loss = values["train/loss"]
     run.monitor.log_train(state.step, state.epoch, values)
     run.progress.show_training(state.epoch, state.step, run.schedule.total_steps, values)
 
@@ -320,9 +365,11 @@ def save(run: Run, state: TrainState, test_acc: float | None = None) -> Path:
             files["ema.safetensors"] = run.ema.average.state_dict()
         trainer_state = {**state.state_dict(), "test_acc": test_acc, "world_size": accelerator.num_processes,
                          "signature": run.signature, "config": run.cfg.to_dict()}
-        return save_checkpoint(run.dir, state.step, files, trainer_state, run.cfg.keep_checkpoints)
+        return save_checkpoint(run.dir, state.step, files, trainer_state, run.cfg.keep_checkpoints,
+                               protect=run.resumed_from)
 
     path = on_main_process(accelerator, write, "writing a checkpoint")
+    run.last_save = time.monotonic()
     run.progress.log(f"saved checkpoint {path}")
     return path
 
@@ -356,13 +403,13 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
         "test_loss": results["test_loss"],
         "test_correct": results["test_correct"],
         "test_samples": results["test_samples"],
-        "train_loss": run.stats.last_logged.get("train/loss", float("nan")),
+        "train_loss": state.last_train_loss,  # the last logged (None if nothing was logged yet)
         "steps": state.step,
         "epochs": state.epoch,
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
         "mixed_precision": accelerator.mixed_precision,
-        "train_images_per_sec": run.stats.images_per_sec(),
+        "train_images_per_sec": run.stats.images_per_sec(),  # None when this launch trained nothing
         "epoch_seconds": run.stats.epoch_seconds,
         "wall_seconds": time.perf_counter() - started,
         "param_checksums": checksums,
@@ -371,7 +418,9 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
         metrics.update(raw_test_acc=results["raw_test_acc"], raw_test_loss=results["raw_test_loss"])
     run.monitor.finish(metrics)  # flushes the event files the report is built from
     report = on_main_process(accelerator, lambda: write_results(run.dir, metrics), "writing the results")
-    run.progress.log(f"test accuracy {metrics['test_acc']:.4f} | {metrics['train_images_per_sec']:.0f} images/s "
+    speed = metrics["train_images_per_sec"]
+    run.progress.log(f"test accuracy {metrics['test_acc']:.4f} | "
+                     f"{f'{speed:.0f} images/s' if speed is not None else 'nothing left to train'} "
                      f"| metrics: {run.dir / 'metrics.json'} | report: {report}\n"
                      f"watch it: tensorboard --logdir {run.dir / 'tensorboard'}")
     accelerator.end_training()
@@ -379,12 +428,30 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
 
 
 def write_results(run_dir: Path, metrics: dict) -> Path:
-    """metrics.json and the end-of-run report (rank 0); a failed write (a full disk) is one line for every rank."""
+    """metrics.json (strict JSON, written atomically: a NaN becomes null) and the end-of-run report (rank 0); a
+    failed write (a full disk) is one line for every rank."""
+    def finite(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    text = json.dumps({k: [finite(v) for v in value] if isinstance(value, list) else finite(value)
+                       for k, value in metrics.items()}, indent=2, allow_nan=False) + "\n"
     try:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_atomically(run_dir / "metrics.json", text)
         return write_report(run_dir)
     except OSError as err:
         raise ConfigError(f"could not write {err.filename or run_dir} ({err.strerror or err}); training finished "
                           f"and its final checkpoint is saved: free space, then rerun with --output-dir {run_dir} "
                           f"--resume auto to write the results (it resumes from that checkpoint and only "
                           f"evaluates)") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A temporary file renamed over `path`: a reader sees the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(err.errno, err.strerror, str(path)) from None

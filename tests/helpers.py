@@ -176,6 +176,17 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
     raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)[-3000:]}")
 
 
+def fake_scontrol(folder: Path, job_id: str) -> tuple[dict, Path]:
+    """An environment inside "Slurm job `job_id`" whose `scontrol` only records its arguments, and the file it
+    records them in."""
+    fake_bin = folder / "bin"
+    fake_bin.mkdir()
+    record = folder / "scontrol-args"
+    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    return cpu_env(PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID=job_id), record
+
+
 # ----------------------------------------------------------------------------- processes
 
 def child_processes(pid: int) -> list[int]:

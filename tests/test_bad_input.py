@@ -69,6 +69,8 @@ YAML_CASES = {
     "yaml_wrong_type": ("epochs: three\n", "epochs must be int"),
     "yaml_not_a_mapping": ("- lr\n- 0.1\n", "must hold a mapping"),
     "yaml_invalid": ("lr: [0.1\n", "is not valid YAML"),
+    "yaml_empty_epochs": ("epochs: ~\n", "epochs must be int, got an empty value"),
+    "yaml_empty_data_dir": ("data_dir:\n", "data_dir must be str, got an empty value"),
 }
 for name, (text, words) in YAML_CASES.items():
     def yaml_case(tmp, data_dir, run_dir, text=text, words=words):
@@ -93,6 +95,11 @@ OPTION_CASES = {
     "dropout_of_one": (["--dropout", "1"], "--dropout must be in [0, 1)"),
     "ema_decay_of_one": (["--ema-decay", "1"], "--ema-decay must be in (0, 1)"),
     "grad_clip_of_zero": (["--grad-clip", "0"], "--grad-clip must be a positive number"),
+    "negative_seed": (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
+    "seed_too_big": (["--seed", str(2**32)], "--seed must be in 0 .. 2**32 - 1"),
+    "image_size_above_1024": (["--image-size", "10000"], "--image-size must be <= 1024"),
+    "collective_timeout_of_zero": (["--collective-timeout", "0"], "--collective-timeout must be a positive number"),
+    "checkpoint_minutes_of_zero": (["--checkpoint-minutes", "0"], "--checkpoint-minutes must be positive"),
 }
 for name, (option, words) in OPTION_CASES.items():
     CASES[name] = lambda tmp, data_dir, run_dir, option=option, words=words: (tiny(data_dir, tmp, *option), words)
@@ -108,6 +115,32 @@ def global_batch_that_does_not_divide(tmp, data_dir, run_dir):
 def both_batch_options(tmp, data_dir, run_dir):
     return tiny(data_dir, tmp, "--batch-size", "16", "--global-batch-size", "64"), \
         "--global-batch-size (all processes together), not both"
+
+
+@case
+def yaml_not_utf8(tmp, data_dir, run_dir):
+    (tmp / "c.yaml").write_bytes(b"lr: \xff\xfe\n")
+    return tiny(data_dir, tmp, "--config", str(tmp / "c.yaml")), "is not UTF-8 text"
+
+
+@case
+def config_is_a_directory(tmp, data_dir, run_dir):
+    return tiny(data_dir, tmp, "--config", str(tmp)), "is a directory; give a YAML file"
+
+
+# A run directory whose own subdirectory is not one: case name -> (the entry, a file or a link to itself).
+ENTRY_CASES = {"tensorboard_is_a_file": ("tensorboard", "file"), "checkpoints_is_a_file": ("checkpoints", "file"),
+               "checkpoints_is_a_link_loop": ("checkpoints", "link")}
+for name, (entry, kind) in ENTRY_CASES.items():
+    def entry_case(tmp, data_dir, run_dir, entry=entry, kind=kind):
+        (tmp / "out").mkdir()
+        if kind == "file":
+            (tmp / "out" / entry).write_text("")
+        else:
+            (tmp / "out" / entry).symlink_to(entry)
+        words = "a file, not a directory" if kind == "file" else "a link to nowhere or to itself"
+        return tiny(data_dir, tmp), f"{entry} is {words}"
+    CASES[name] = entry_case
 
 
 @case

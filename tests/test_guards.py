@@ -242,3 +242,19 @@ def test_fp16_gradient_overflow_is_reported_not_fatal(tmp_path, monkeypatch):
     accelerator.end_training()
     assert notes == ["note: fp16 gradient overflow in step 1: GradScaler skipped step(s) and lowered the loss "
                      "scale from 65536 to 32768 (normal early in fp16 training; not an error)"]
+
+
+def test_results_are_written_whole_or_not_at_all_on_a_full_disk(small_disk):
+    """metrics.json goes through a temporary file: a full disk leaves the previous file (or none), never a part."""
+    from dist_alexnet.train import write_atomically
+
+    target = small_disk / "metrics.json"
+    target.write_text('{"old": true}\n')
+    with open(small_disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 2**16)
+    with pytest.raises(OSError) as err:
+        write_atomically(target, "x" * 2**20)
+    assert err.value.filename == str(target)
+    assert target.read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "metrics.json"]  # no temporary file left

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dist_alexnet.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dist_alexnet.preemption import requeue_command
-from tests.helpers import (TRAIN_SAMPLES, cpu_env, metrics, run, scalars, start, steps_per_epoch, tiny_args,
+from tests.helpers import (TRAIN_SAMPLES, cpu_env, fake_scontrol, metrics, run, scalars, start, steps_per_epoch, tiny_args,
                            train_tiny, truncate, wait_for_line, worker_pids)
 
 
@@ -86,7 +86,7 @@ def samples_seen(log_dir: Path, epoch: int) -> list[int]:
     seen = []
     for file in log_dir.glob("*.txt"):
         for line in file.read_text().splitlines():
-            e, index = map(int, line.split())
+            e, _, index = map(int, line.split())
             if e == epoch:
                 seen.append(index)
     return seen
@@ -179,12 +179,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, data_dir, si
 @pytest.mark.slow
 def test_preemption_requeues_the_slurm_job(tmp_path, data_dir):
     """Inside a Slurm job the trainer calls `scontrol requeue <job>` after its checkpoint."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    record = tmp_path / "scontrol-args"
-    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
-    (fake_bin / "scontrol").chmod(0o755)
-    env = cpu_env(PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    env, record = fake_scontrol(tmp_path, "4242")
     proc = start(tiny_args(data_dir, tmp_path / "run", "--epochs", "20", "--log-every", "1"), env=env)
     try:
         wait_for_line(proc, "step 5/")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -298,3 +299,35 @@ def test_preemption_after_the_last_allowed_restart_saves_but_does_not_requeue(sl
     step = int(re.search(r"^preempted at step (\d+)", text, re.MULTILINE).group(1))
     assert (tmp_path / "runs" / f"slurm-{job}" / "checkpoints" / f"step_{step:06d}").is_dir()
     assert "requeued Slurm job" not in text
+
+
+def job_workers(job: str, node: int) -> list[int]:
+    """The training processes (not the launchers) of a job on node `node` (SLURM_NODEID), from /proc."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, UnicodeDecodeError):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_NODEID") == str(node) and "LOCAL_RANK" in env:
+            found.append(int(proc.name))
+    return found
+
+
+def test_killed_workers_restart_both_nodes_and_the_job_finishes(slurm, tmp_path, data_dir):
+    """kill -9 the worker on node 1, then, once the job has resumed, the one on node 0 (rank 0)."""
+    job = slurm.sbatch(MULTINODE, tiny(data_dir, "--epochs", "2", "--log-every", "1", "--checkpoint-every", "5"),
+                       cwd=tmp_path, NPROC_PER_NODE=1, WORKER_RESTARTS=2)
+    log, run_dir = tmp_path / f"slurm-{job}.out", tmp_path / "runs" / f"slurm-{job}"
+    for node, after in ((1, r"^epoch 1 step 6/32 "), (0, r"^epoch 2 step 2\d/32 ")):
+        wait_for_line(log, after)  # past a checkpoint (steps 5, 20)
+        workers = job_workers(job, node=node)
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+    slurm.wait_until_finished(job, log)
+    text = log.read_text()
+    resumed = [int(step) for step in re.findall(r"^resumed from \S+/step_(\d+) at step", text, re.MULTILINE)]
+    assert len(resumed) == 2 and resumed[0] in (5, 10) and resumed[1] >= 20, text[-4000:]
+    m = metrics(run_dir)
+    assert m["steps"] == 32 and m["world_size"] == 2 and m["param_checksums"][0] == m["param_checksums"][1]
+    assert [s for s, _ in scalars(run_dir, "train/loss")] == list(range(1, 33))  # every step exactly once

@@ -21,6 +21,8 @@
 #   RUN_DIR            run directory; --output-dir wins     (default: runs/slurm-<job>)
 #   NPROC_PER_NODE     training processes per node          (default: one per GPU; 1 without GPUs)
 #   MAX_RESTARTS       requeues after which a preempted job saves and stops instead (default: 10)
+#   WORKER_RESTARTS    restarts of the worker group inside the allocation after a crash (default: 3)
+#   NCCL_DEBUG         e.g. INFO: NCCL's own log, for a hang or a slow start (default: unset)
 #   MAIN_PROCESS_PORT  rank 0's port                        (default: a free one on the first node)
 #   ACCELERATE_CONFIG  accelerate config file               (default: launch/accelerate/multi_node.yaml,
 #                                                             one_node.yaml on one node, cpu_2proc.yaml without GPUs)
@@ -47,11 +49,23 @@ if (( restarts >= max_restarts )); then
     requeue=(--no-requeue-on-preempt)
 fi
 
+# Two bounds, two kinds of trouble. A crash (a worker killed, out of memory, a GPU error) or a hung rank (it
+# times out after --collective-timeout) is recovered inside the allocation: the launchers restart the worker
+# group, at most WORKER_RESTARTS times, and it resumes from the newest checkpoint. A preemption or the time
+# limit ends the allocation: the job saves, requeues itself and resumes, at most MAX_RESTARTS times.
+#
+# What NCCL users need to diagnose a hang: on a collective timeout each rank dumps its flight recorder (its
+# last 2000 collectives) into <run directory>/nccl-trace/; NCCL_DEBUG=INFO, exported before sbatch, logs NCCL.
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$run_dir/nccl-trace/rank_}
+mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"
+
 # Rank 0 runs on the first node of the allocation, where this script runs: a port free here is free there.
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
 export MAIN_PROCESS_IP MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-$(free_port)}
 echo "job $job (restart $restarts) on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST)," \
-     "head $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT: run directory $run_dir"
+     "head $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT: run directory $run_dir; up to ${WORKER_RESTARTS:-3} worker restarts"
 
 # Slurm signals only the batch shell (B:USR1). Pass SIGUSR1 on to every process of the training step on
 # every node (scancel without --batch signals all job steps, not this script); the launchers ignore it

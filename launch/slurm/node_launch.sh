@@ -7,6 +7,7 @@
 #   MAIN_PROCESS_IP, MAIN_PROCESS_PORT  where the head node's rank 0 listens
 #   NPROC_PER_NODE                      processes per node (default: one per visible GPU; 1 without GPUs)
 #   ACCELERATE_CONFIG                   accelerate config file (default: chosen below)
+#   WORKER_RESTARTS                     restarts of the worker group after a crash (default: 3)
 # Its arguments go to `dist-alexnet train`.
 set -euo pipefail
 
@@ -28,11 +29,30 @@ config=${ACCELERATE_CONFIG:-$repo/launch/accelerate/$default_config}
 echo "node ${SLURMD_NODENAME:-$(hostname -s)}: machine rank $rank of $nodes, $nproc process(es) on $gpus GPU(s)," \
      "head $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT, config $config"
 
+# Restarts after a crash: the configs use c10d rendezvous, at rank 0's address and port for every node. When a
+# worker dies (or stops with an error, e.g. after a hung peer's --collective-timeout), this node's launcher
+# stops its group and starts it again, up to WORKER_RESTARTS times, and the other nodes' launchers follow; the
+# new workers resume from the newest checkpoint (--resume auto) in the same run directory.
+# Each round of the rendezvous gets a fresh store for its workers: with the one the launchers share by default,
+# a restarted group can read the dead workers' addresses left there and fail to connect.
+export PET_RDZV_ENDPOINT=${PET_RDZV_ENDPOINT:-$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT}
+export PET_RDZV_ID=${PET_RDZV_ID:-dist-alexnet-${SLURM_JOB_ID:-local}}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
 # The batch script forwards the preemption signal (SIGUSR1) to every process of this job step. The
 # training processes handle it; the launcher must not die of it, so it ignores it (an ignored signal
-# stays ignored across exec; the training processes install their own handler).
+# stays ignored in its children; the training processes install their own handler).
 trap '' USR1
-exec accelerate launch --config_file "$config" \
+status=0
+# The head (machine rank 0) hosts the rendezvous store, the other nodes only connect to it: left to itself,
+# torch guesses from host names, and two nodes on one machine would both try to host it.
+accelerate launch --config_file "$config" --rdzv_backend c10d --rdzv_conf "is_host=$(( rank == 0 ))" \
+    --max_restarts "${WORKER_RESTARTS:-3}" \
     --num_machines "$nodes" --machine_rank "$rank" --num_processes $(( nodes * nproc )) \
     --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
-    -m dist_alexnet.cli train "$@"
+    -m dist_alexnet.cli train "$@" || status=$?
+if (( status != 0 )); then
+    echo "error: node ${SLURMD_NODENAME:-$(hostname -s)} (machine rank $rank): its launcher exited with status" \
+         "$status: its workers failed after ${WORKER_RESTARTS:-3} restart(s), or it was stopped" >&2
+fi
+exit "$status"
