@@ -20,12 +20,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on the built-in synthetic data: the real 58.3M-parameter AlexNet, images resized to 64
-# so it finishes in a few minutes on a CPU (GPUs are used when present).
+# The main job on the real Fashion-MNIST sample shipped with the package (3,000 training, 615 test images):
+# the real 58.3M-parameter AlexNet with the accurate preset, images resized to 64 so that it finishes in a
+# few minutes on a CPU (GPUs are used when present).
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/dist-alexnet train --dataset synthetic --image-size 64 --epochs 2 --log-every 10 \
-		--output-dir $(DEMO_DIR)
+	$(BIN)/dist-alexnet train --config launch/configs/accurate.yaml --dataset fashion-mnist-sample \
+		--image-size 64 --batch-size 64 --epochs 5 --log-every 10 --output-dir $(DEMO_DIR)
 	@echo "run directory: $(DEMO_DIR) (config.yaml, metrics.json, checkpoints/, tensorboard/)"
 	@echo "open TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/tensorboard  (then http://localhost:6006)"
 
