@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/dist-alexnet train --config launch/configs/accurate.yaml --dataset fashion-mnist-sample \
-		--image-size 64 --batch-size 64 --epochs 5 --log-every 10 --output-dir $(DEMO_DIR)
+		--image-size 64 --batch-size 64 --epochs 6 --log-every 10 --output-dir $(DEMO_DIR)
 	@echo "run directory: $(DEMO_DIR) (config.yaml, metrics.json, checkpoints/, tensorboard/)"
 	@echo "open TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/tensorboard  (then http://localhost:6006)"
 
