@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import sys
+from pathlib import Path
 
 from dist_alexnet import __version__
 from dist_alexnet.config import DATA_OPTIONS, ConfigError, add_arguments, config_from_args
@@ -68,11 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
     predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     predict.add_argument("--json", action="store_true", help="print one JSON object instead of one line per image")
+    predict.add_argument("--onnx", action="store_true",
+                         help="run the export's model.onnx with ONNX Runtime (no torch): --checkpoint names an export "
+                              "made with --format onnx")
 
     export = model_command(commands, debug, "export", run_export,
-                           "weights-only model.safetensors and a JSON model card, for predict/evaluate or other "
-                           "programs")
-    export.add_argument("--out", required=True, help="directory to write model.safetensors and model_card.json to")
+                           "a Hugging Face-style folder (config.json, model.safetensors, README.md model card), "
+                           "optionally with an ONNX graph checked against PyTorch")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                        help="onnx: also model.onnx (uint8 images in, preprocessing in the graph), checked against "
+                             "PyTorch on real test images; needs the [onnx] extra (default: safetensors)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID",
+                        help="then upload the folder to this Hugging Face model repository (needs a network and "
+                             "`huggingface-cli login`)")
 
     report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
@@ -126,16 +136,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from dist_alexnet.inference import format_prediction, image_files, load_trained_model, predict
+    from dist_alexnet.serving import format_prediction, image_files, predict_onnx
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError(f"--top-k and --batch-size must be >= 1 (got {args.top_k}, {args.batch_size})")
-    trained = load_trained_model(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
     files, problems = image_files(args.images)
-    predictions, unreadable = predict(trained, files, args.invert, args.batch_size, args.top_k)
+    if args.onnx:  # ONNX Runtime and numpy alone: torch is not imported
+        source = args.checkpoint
+        predictions, unreadable = predict_onnx(Path(source), files, args.invert, args.batch_size, args.top_k)
+    else:
+        from dist_alexnet.inference import load_trained_model, predict
+
+        trained = load_trained_model(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
+        source = trained.path
+        predictions, unreadable = predict(trained, files, args.invert, args.batch_size, args.top_k)
     problems += unreadable
     if args.json:
-        print(json.dumps({"checkpoint": str(trained.path), "predictions": predictions,
+        print(json.dumps({"checkpoint": str(source), "predictions": predictions,
                           "errors": [{"file": file, "error": reason} for file, reason in problems]}))
     else:
         for prediction in predictions:
@@ -146,9 +163,13 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dist_alexnet.inference import export_model
+    from dist_alexnet.export import export_model, push_to_hub
 
-    print(f"exported: {export_model(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr))}")
+    folder = export_model(args.checkpoint, args.out, onnx=args.format == "onnx",
+                          log=lambda m: print(m, file=sys.stderr))
+    print(f"exported: {folder}")
+    if args.push_to_hub:
+        print(f"pushed: {push_to_hub(folder, args.push_to_hub)}")
     return 0
 
 

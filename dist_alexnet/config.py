@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import types
@@ -114,6 +115,10 @@ class TrainConfig:
                                       "holding newer checkpoints, move the old run's checkpoints, events and results "
                                       "to <output-dir>/old-<time>/ instead of refusing")
     log_every: int = _opt(50, "optimizer steps between log lines and TensorBoard points")
+    report_to: str = _opt("tensorboard", "where the training figures go: tensorboard, mlflow, wandb, all or none, "
+                          "or a comma list (mlflow and wandb are extras: pip install 'dist-alexnet[mlflow]')")
+    profile_steps: str | None = _opt(None, "A:B: profile optimizer steps A to B with torch.profiler on every rank; "
+                                     "a Chrome/Perfetto trace per rank in <output-dir>/profile/")
     log_figures: bool = _opt(True, "after each evaluation, draw the confusion matrix, per-class accuracy and "
                              "misclassified test images into TensorBoard (and the report); matplotlib takes "
                              "1-2 s of rank 0's CPU per evaluation")
@@ -146,6 +151,7 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr),
              f"--lr must be a positive finite number (got {self.lr}); the reference run uses 1e-3")
         problems += self._optimization_problems()
+        problems += self._monitoring_problems()
         need(self.image_size >= 64, f"--image-size must be >= 64 so AlexNet's feature map stays at least "
                                     f"1x1 before pooling (got {self.image_size})")
         need(self.image_size <= 1024, f"--image-size must be <= 1024 (got {self.image_size}): the images are 28x28, "
@@ -205,6 +211,33 @@ class TrainConfig:
              f"--ema-decay must be in (0, 1), e.g. 0.999 (got {self.ema_decay})")
         return problems
 
+    def _monitoring_problems(self) -> list[str]:
+        problems = []
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        unknown = [name for name in names if name not in TRACKERS and name not in ("all", "none")]
+        if unknown or not names:
+            problems.append(f"--report-to {self.report_to!r}: give tensorboard, mlflow, wandb, all or none, or a "
+                            f"comma list of the first three")
+        for name in self.trackers():
+            module = TRACKERS[name]
+            if module and importlib.util.find_spec(module) is None:
+                problems.append(f"--report-to {name} needs the {name} extra: pip install 'dist-alexnet[{name}]'")
+        if self.profile_steps is not None:
+            try:
+                first, last = (int(part) for part in self.profile_steps.split(":"))
+                assert 1 <= first <= last
+            except (ValueError, AssertionError):
+                problems.append(f"--profile-steps must be A:B with 1 <= A <= B, optimizer steps (got "
+                                f"{self.profile_steps!r})")
+        return problems
+
+    def trackers(self) -> list[str]:
+        """--report-to as tracker names: all = every one, none = none."""
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if "none" in names:
+            return []
+        return list(TRACKERS) if "all" in names else [name for name in TRACKERS if name in names]
+
     # --- what the options mean for a run on `world_size` processes
 
     def per_process_batch(self, world_size: int) -> int:
@@ -232,6 +265,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The trackers --report-to knows, and the module each needs (TensorBoard always comes with dist-alexnet).
+TRACKERS = {"tensorboard": None, "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def _flag(name: str) -> str:

@@ -45,7 +45,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             project_dir="runs",  # placeholder until choose_run_dir() sets the run directory
             mixed_precision=resolve_mixed_precision(cfg),
             gradient_accumulation_steps=cfg.grad_accum,
-            log_with="tensorboard",
+            # the trackers (--report-to) are opened by monitor.open_trackers once the run directory is known
             # Data order comes from EpochOrder (seed, epoch): Accelerate need not re-sync any RNG per epoch.
             rng_types=[],
             dataloader_config=DataLoaderConfiguration(non_blocking=True),

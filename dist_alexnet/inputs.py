@@ -146,16 +146,22 @@ def to_model_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
     and on a GPU two cheap batched GEMMs."""
     if images.dtype != torch.uint8:
         return images
-    x = images.float().mul_(1 / (255 * STD)).sub_(MEAN / STD)  # [B, 28, 28]
-    height, width = x.shape[-2:]
-    if (height, width) != (image_size, image_size):
-        x = torch.matmul(_resize_matrix(height, image_size, x.device), x)  # [B, S, 28]
-        x = torch.matmul(x, _resize_matrix(width, image_size, x.device).T)  # [B, S, S]
+    height, width = images.shape[-2:]
+    return normalize_and_resize(images, resize_matrix(height, image_size, images.device),
+                                resize_matrix(width, image_size, images.device))
+
+
+def normalize_and_resize(images: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W] -> float [B, 1, S, S]: scaled to [0, 1], normalized, then resized by the interpolation
+    matrices of resize_matrix (rows [S, H], columns [S, W]). The exported ONNX graph runs this too."""
+    x = images.float() * (1 / (255 * STD)) - MEAN / STD  # [B, H, W]
+    x = torch.matmul(rows, x)  # [B, S, W]
+    x = torch.matmul(x, columns.T)  # [B, S, S]
     return x.unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=16)
-def _resize_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+def resize_matrix(size_in: int, size_out: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[size_out, size_in] weights of 1-D bilinear interpolation with align_corners=False: output pixel i
     samples the input at (i + 0.5) * size_in / size_out - 0.5, clamped to the image, from its two neighbours."""
     position = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * size_in / size_out - 0.5).clamp(min=0)

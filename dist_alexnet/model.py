@@ -3,11 +3,15 @@ trainer's way of building it for a device."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 
-class AlexNet(nn.Module):
+class AlexNet(nn.Module, PyTorchModelHubMixin, library_name="dist-alexnet", pipeline_tag="image-classification",
+              tags=["alexnet", "fashion-mnist", "image-classification"]):
     """conv 96-256-384-384-256 with ReLU, max-pool 3/2 after conv 1, 2 and 5, then FC 9216-4096-4096-10.
 
     At image size 224 the feature map is 96x55x55 after conv 1 and 256x6x6 before the classifier.
@@ -16,6 +20,9 @@ class AlexNet(nn.Module):
 
     `width` scales every channel count and hidden width; 1.0 is the real model, small values give
     the same architecture at a size the test suite can train in seconds on a CPU.
+
+    Hugging Face's PyTorchModelHubMixin adds save_pretrained / from_pretrained / push_to_hub: an export
+    (`dist-alexnet export`) loads with `AlexNet.from_pretrained(folder)`.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, dropout: float = 0.5):
@@ -41,6 +48,13 @@ class AlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.avgpool(self.features(x)))
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """save_pretrained's weights file, with the metadata transformers-style loaders check (format "pt")."""
+        from safetensors.torch import save_file
+
+        weights = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(weights, str(Path(save_directory) / "model.safetensors"), metadata={"format": "pt"})
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,20 +1,30 @@
-"""What a run writes into TensorBoard: scalars, images, text and hyperparameters.
+"""What a run reports: scalars to every tracker --report-to names (TensorBoard, MLflow, W&B, through
+Accelerate's trackers), and into TensorBoard also images, text and hyperparameters.
 
-Monitor runs on rank 0 and writes everything into the run's single TensorBoard event file through
-Accelerate's TensorBoard tracker. The other ranks get a NullMonitor whose hooks do nothing, so the
-training loop calls the same hooks on every rank without rank checks. The values come from the loop
-(dist_alexnet/stats.py measures them); the monitor only writes them and watches for a run stuck at chance.
-TAGS lists every tag written and what it means (the README's table is the same list).
+Monitor runs on rank 0. The other ranks get a NullMonitor whose hooks do nothing, so the training loop calls
+the same hooks on every rank without rank checks. The values come from the loop (dist_alexnet/stats.py
+measures them); the monitor only writes them and watches for a run stuck at chance. TAGS lists every tag
+written and what it means (the README's table is the same list).
+
+A resumed run goes on in the same tracker runs: TensorBoard's event files in <run dir>/tensorboard (purging
+what the interrupted run logged after its checkpoint), the MLflow run and the W&B run whose ids
+<run dir>/trackers.json keeps, along with the last step sent to them; steps up to that one are not sent
+again (an exact resume recomputes the same values).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
+from dist_alexnet.distributed import on_main_process
+from dist_alexnet.errors import ConfigError
 from dist_alexnet.figures import (CHANCE_ACC, CHANCE_LOSS, class_accuracy_figure, confusion_matrix_figure,
                                   misclassified_figure, to_rgb)
 from dist_alexnet.inputs import training_input
@@ -92,10 +102,50 @@ def wait_to_sort_after_earlier_events(folder: Path) -> None:
         time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
 
-def make_monitor(accelerator, cfg, effective: dict, start_step: int, log=print):
-    """Monitor on rank 0 (call after accelerator.init_trackers("tensorboard")), NullMonitor elsewhere."""
+TRACKER_STATE = "trackers.json"
+
+
+def open_trackers(accelerator, cfg, run_dir: Path, start_step: int) -> None:
+    """Start the trackers --report-to names, on rank 0 (Accelerate starts none elsewhere); a run that resumes
+    (start_step > 0) continues their runs. Every rank calls it."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    saved = read_tracker_state(run_dir) if start_step else {}
+    trackers = []
+    for name in cfg.trackers():
+        if name == "tensorboard":  # events in <run_dir>/tensorboard
+            purge = {"purge_step": start_step + 1} if start_step else {}
+            trackers.append(TensorBoardTracker("tensorboard", run_dir, **purge))
+        elif name == "mlflow":  # the tracking server or store of MLFLOW_TRACKING_URI, else MLflow's default
+            trackers.append(MLflowTracker("dist-alexnet", run_id=saved.get("mlflow_run_id"), run_name=run_dir.name))
+        elif name == "wandb":  # WANDB_MODE=offline keeps it on disk, in <run_dir>/wandb
+            trackers.append(WandBTracker("dist-alexnet", id=saved.get("wandb_run_id") or uuid.uuid4().hex[:12],
+                                         resume="allow", dir=str(run_dir), name=run_dir.name))
+    accelerator.log_with = trackers
+
+    def start():
+        try:
+            accelerator.init_trackers("dist-alexnet")
+        except Exception as err:  # the trackers' own errors: a store that refuses, a bad URI, no login
+            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"--report-to {cfg.report_to}: a tracker could not start ({type(err).__name__}: "
+                              f"{detail})") from None
+
+    on_main_process(accelerator, start, "starting the trackers")
+
+
+def read_tracker_state(run_dir: Path) -> dict:
+    try:
+        state = json.loads((Path(run_dir) / TRACKER_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def make_monitor(accelerator, cfg, effective: dict, start_step: int, run_dir: Path, log=print):
+    """Monitor on rank 0 (call after open_trackers), NullMonitor elsewhere."""
     if accelerator.is_main_process:
-        return Monitor(accelerator, cfg, effective, start_step, log)
+        return Monitor(accelerator, cfg, effective, start_step, run_dir, log)
     return NullMonitor()
 
 
@@ -135,18 +185,23 @@ class EventWriter:
     rank 0 alone. A disk that stays full stops every rank at the next checkpoint, with its own message."""
 
     def __init__(self, accelerator, log=print):
-        self.accelerator, self.log, self.failed = accelerator, log, False
-        self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        """With --report-to without tensorboard, every call does nothing."""
+        tracker = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
+        self.accelerator, self.log, self.failed = accelerator, log, tracker is None
+        self.writer = tracker.writer if tracker else None
         if not getattr(threading.excepthook, "quiet_event_writer", False):
             threading.excepthook = _quiet_event_writer(threading.excepthook)
 
     def __getattr__(self, name: str):
-        """add_scalar, add_image, flush: the SummaryWriter's, guarded."""
+        """add_scalar, add_image, flush: the SummaryWriter's, guarded (nothing without TensorBoard)."""
+        if self.writer is None:
+            return lambda *args, **kwargs: None
         return functools.partial(self._call, getattr(self.writer, name))
 
     def add_summary(self, summary, step: int) -> None:
         """A summary protobuf (text, hparams) into the same event file."""
-        self._call(self.writer.file_writer.add_summary, summary, step)
+        if self.writer is not None:
+            self._call(self.writer.file_writer.add_summary, summary, step)
 
     def _call(self, method, *args, **kwargs) -> None:
         if self.failed:
@@ -162,9 +217,10 @@ class EventWriter:
 
 
 class Monitor:
-    """Rank 0: writes everything into the run's one TensorBoard event file."""
+    """Rank 0: the scalars to every tracker, everything into the run's one TensorBoard event file."""
 
-    def __init__(self, accelerator, cfg, effective: dict | None = None, start_step: int = 0, log=print):
+    def __init__(self, accelerator, cfg, effective: dict | None = None, start_step: int = 0,
+                 run_dir: Path | None = None, log=print):
         """effective: what the options came to on this many processes (per_process_batch, global_batch, lr);
         start_step: the step the run starts from (0, or the step of the checkpoint it resumed from)."""
         import yaml
@@ -172,6 +228,11 @@ class Monitor:
         self.accelerator, self.cfg, self.log = accelerator, cfg, log
         self.effective = effective or {}
         self.writer = EventWriter(accelerator, log)
+        self.others = [t for t in accelerator.trackers if t.name != "tensorboard"]  # MLflow, W&B
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.tracker_state = self._record_trackers(start_step)
+        # the last step MLflow and W&B got before this launch: a resumed run does not send them a step twice
+        self.sent_before = self.tracker_state.get("last_step", 0)
         self.wrote_inputs = False
         self.warned_chance = False
         # fp16: the loss scale at the previous log point (before the first step: the initial or resumed scale)
@@ -212,8 +273,7 @@ class Monitor:
                 self.log(note)
             values["train/loss_scale"] = self.loss_scale = scale
         self.logged_step = step
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, float(value), step)
+        self.log_scalars(values, step)
         self._check_chance_level(step, epoch, values)
         self.writer.flush()  # what is logged survives a kill -9
 
@@ -221,14 +281,12 @@ class Monitor:
         """After each evaluation: test metrics, per-class accuracy, confusion matrix, misclassified images."""
         predictions, labels = results["predictions"], results["labels"]
         confusion, per_class = results["confusion_matrix"], results["per_class_acc"]
-        self.writer.add_scalar("test/loss", results["test_loss"], step)
-        self.writer.add_scalar("test/acc", results["test_acc"], step)
+        values = {"test/loss": results["test_loss"], "test/acc": results["test_acc"],
+                  **{class_tag(name): acc for name, acc in zip(CLASS_NAMES, per_class)},
+                  "perf/epoch_seconds": epoch_seconds}
         if "raw_test_acc" in results:  # --ema-decay: test/* are the average's, these the weights' own
-            self.writer.add_scalar("test/raw_acc", results["raw_test_acc"], step)
-            self.writer.add_scalar("test/raw_loss", results["raw_test_loss"], step)
-        for name, acc in zip(CLASS_NAMES, per_class):
-            self.writer.add_scalar(class_tag(name), acc, step)
-        self.writer.add_scalar("perf/epoch_seconds", epoch_seconds, step)
+            values.update({"test/raw_acc": results["raw_test_acc"], "test/raw_loss": results["raw_test_loss"]})
+        self.log_scalars(values, step)
 
         if self.cfg.log_figures:
             title = f"step {step}: test accuracy {results['test_acc']:.4f}"
@@ -247,6 +305,44 @@ class Monitor:
         self.writer.flush()
 
     # --- writing
+
+    def log_scalars(self, values: dict, step: int) -> None:
+        """What accelerator.log() does (every tracker gets the same values at the same step), tracker by tracker:
+        a TensorBoard that fails (a full disk) is turned off without the others losing the point, and MLflow and
+        W&B get no step twice after a resume (TensorBoard purges instead)."""
+        values = {tag: float(value) for tag, value in values.items()}
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        if self.others and step > self.sent_before:
+            for tracker in self.others:
+                tracker.log(values, step=step)
+            self.tracker_state["last_step"] = step
+            self._save_tracker_state()
+
+    def _record_trackers(self, start_step: int) -> dict:
+        """trackers.json: the MLflow and W&B run ids, and the last step they were sent; the configuration goes to
+        a tracker run once, when it starts."""
+        if not self.others:
+            return {}
+        state = read_tracker_state(self.run_dir) if start_step else {}
+        for tracker in self.others:
+            if tracker.name == "mlflow":
+                state["mlflow_run_id"] = tracker.active_run.info.run_id
+            elif tracker.name == "wandb":
+                state["wandb_run_id"] = tracker.run.id
+            if not start_step:
+                tracker.store_init_configuration({**self.cfg.to_dict(), **{f"effective_{k}": v
+                                                                           for k, v in self.effective.items()}})
+        state.setdefault("last_step", start_step)
+        self.tracker_state = state
+        self._save_tracker_state()
+        return state
+
+    def _save_tracker_state(self) -> None:
+        path = self.run_dir / TRACKER_STATE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.tracker_state) + "\n")
+        os.replace(tmp, path)
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         from tensorboard.plugins.text.summary_v2 import text_pb

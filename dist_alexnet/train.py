@@ -31,9 +31,10 @@ from dist_alexnet.distributed import (check_output_dir, choose_run_dir, collecti
 from dist_alexnet.errors import ConfigError, TrainingDiverged
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
 from dist_alexnet.model import build_model
-from dist_alexnet.monitor import make_monitor, wait_to_sort_after_earlier_events
+from dist_alexnet.monitor import make_monitor, open_trackers, wait_to_sort_after_earlier_events
 from dist_alexnet.optimization import LRSchedule, WeightEMA, make_optimizer, set_learning_rate
 from dist_alexnet.preemption import PreemptionFlag, requeue_slurm_job, should_requeue
+from dist_alexnet.profiling import NoProfiler, StepProfiler
 from dist_alexnet.progress import Progress
 from dist_alexnet.report import write_report
 from dist_alexnet.schedule import Schedule
@@ -100,6 +101,7 @@ class Run:
     lr_schedule: LRSchedule = field(init=False)
     stats: StepStats = field(init=False)
     monitor: object = field(init=False)
+    profiler: StepProfiler | NoProfiler = field(init=False)
     resumed_from: Path | None = None  # retention never deletes it
     last_save: float = field(default_factory=time.monotonic)  # rank 0's clock decides --checkpoint-minutes
 
@@ -218,20 +220,20 @@ def plan(run: Run, state: TrainState) -> None:
 
 
 def start_logging(run: Run, state: TrainState) -> None:
-    """config.yaml, the TensorBoard tracker, the monitor, the progress bar and the run's first log lines."""
+    """config.yaml, the trackers, the monitor, the profiler, the progress bar and the run's first log lines."""
     cfg, accelerator = run.cfg, run.accelerator
+
     def prepare_run_files():
         save_yaml(cfg, run.dir / "config.yaml")
         wait_to_sort_after_earlier_events(run.dir / "tensorboard")
 
     on_main_process(accelerator, prepare_run_files, "writing config.yaml")
-    # A resumed run appends to the same event files' directory; purge_step drops whatever the
-    # interrupted run logged after its checkpoint, so no step appears twice.
-    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step + 1}}
-                              if state.step else {})
+    open_trackers(accelerator, cfg, run.dir, start_step=state.step)
     run.stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
     effective = {"per_process_batch": run.batch_size, "global_batch": run.schedule.step_samples, "lr": run.lr}
-    run.monitor = make_monitor(accelerator, cfg, effective, start_step=state.step, log=run.progress.log)
+    run.monitor = make_monitor(accelerator, cfg, effective, state.step, run.dir, log=run.progress.log)
+    run.profiler = (StepProfiler(cfg.profile_steps, run.dir, accelerator.process_index, run.progress.log)
+                    if cfg.profile_steps else NoProfiler())
     run.progress.start(total=run.schedule.total_steps, initial=state.step)
     world = accelerator.num_processes
     run.progress.log(f"run directory {run.dir} | {world} process(es), {accelerator.distributed_type.value}, "
@@ -273,6 +275,7 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
     outcome = "trained"
     for batch in run.stats.timed(run.train_loader):
         step = state.step + 1  # the optimizer step this micro-batch belongs to
+        run.profiler.before(step)
         hooks.record_samples(state.epoch, step, batch)
         run.monitor.show_inputs(batch, state.epoch, state.step)
         set_learning_rate(run.optimizer, run.lr_schedule.lr(state.applied_steps))
@@ -288,6 +291,7 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
         if end.nonfinite_ranks:
             stop_on_nonfinite_loss(run, step, end.nonfinite_ranks)
         state.step = step
+        run.profiler.after(step)
         if end.applied:  # not a step fp16's gradient scaler skipped: the schedule and the average move on
             state.applied_steps += 1
             if run.ema is not None:
@@ -417,19 +421,21 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
     if "raw_test_acc" in results:  # --ema-decay: the test figures above are the average's
         metrics.update(raw_test_acc=results["raw_test_acc"], raw_test_loss=results["raw_test_loss"])
     run.monitor.finish(metrics)  # flushes the event files the report is built from
-    report = on_main_process(accelerator, lambda: write_results(run.dir, metrics), "writing the results")
+    report = on_main_process(accelerator, lambda: write_results(run.dir, metrics, "tensorboard" in run.cfg.trackers()),
+                             "writing the results")
     speed = metrics["train_images_per_sec"]
     run.progress.log(f"test accuracy {metrics['test_acc']:.4f} | "
                      f"{f'{speed:.0f} images/s' if speed is not None else 'nothing left to train'} "
-                     f"| metrics: {run.dir / 'metrics.json'} | report: {report}\n"
-                     f"watch it: tensorboard --logdir {run.dir / 'tensorboard'}")
+                     f"| metrics: {run.dir / 'metrics.json'} | report: {report}")
+    if "tensorboard" in run.cfg.trackers():
+        run.progress.log(f"watch it: tensorboard --logdir {run.dir / 'tensorboard'}")
     accelerator.end_training()
     return metrics
 
 
-def write_results(run_dir: Path, metrics: dict) -> Path:
-    """metrics.json (strict JSON, written atomically: a NaN becomes null) and the end-of-run report (rank 0); a
-    failed write (a full disk) is one line for every rank."""
+def write_results(run_dir: Path, metrics: dict, report: bool = True) -> Path | str:
+    """metrics.json (strict JSON, written atomically: a NaN becomes null) and, from the TensorBoard events, the
+    end-of-run report (rank 0); a failed write (a full disk) is one line for every rank."""
     def finite(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -437,6 +443,8 @@ def write_results(run_dir: Path, metrics: dict) -> Path:
                        for k, value in metrics.items()}, indent=2, allow_nan=False) + "\n"
     try:
         write_atomically(run_dir / "metrics.json", text)
+        if not report:
+            return "none (it is built from TensorBoard's events: --report-to tensorboard)"
         return write_report(run_dir)
     except OSError as err:
         raise ConfigError(f"could not write {err.filename or run_dir} ({err.strerror or err}); training finished "

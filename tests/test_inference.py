@@ -13,7 +13,7 @@ from PIL import Image
 
 from dist_alexnet.checkpoint import list_checkpoints
 from dist_alexnet.datasets import CLASS_NAMES
-from dist_alexnet.inference import read_image
+from dist_alexnet.serving import read_image
 from tests.helpers import metrics, run, tiny_split, train_tiny
 
 
@@ -69,10 +69,10 @@ def test_predict_reproduces_the_runs_accuracy_from_png_files(trained_run, data_d
     # The export predicts exactly what its checkpoint predicts, and evaluates the same.
     export_dir = tmp_path / "export"
     run(["--checkpoint", str(final_checkpoint(run_dir)), "--out", str(export_dir)], subcommand="export")
-    card = json.loads((export_dir / "model_card.json").read_text())
-    assert card["class_names"] == list(CLASS_NAMES) and card["input"]["image_size"] == 64
-    assert card["architecture"]["width"] == 0.125 and card["metrics"]["test_acc"] == metrics(run_dir)["test_acc"]
-    assert sorted(p.name for p in export_dir.iterdir()) == ["model.safetensors", "model_card.json"]
+    card = json.loads((export_dir / "config.json").read_text())
+    assert card["class_names"] == list(CLASS_NAMES) and card["image_size"] == 64
+    assert card["width"] == 0.125 and card["metrics"]["test_acc"] == metrics(run_dir)["test_acc"]
+    assert sorted(p.name for p in export_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     exported = run(["--checkpoint", str(export_dir), "--json", "--batch-size", "32", str(folder)],
                    subcommand="predict")
     assert json.loads(exported.stdout)["predictions"] == predictions
@@ -141,4 +141,4 @@ def test_read_image_matches_fashion_mnist_polarity(tmp_path):
 def test_synthetic_idx_round_trips_through_png(data_dir, tmp_path):
     images = tiny_split(data_dir).images
     Image.fromarray(images[3].numpy(), mode="L").save(tmp_path / "item.png")
-    assert (read_image(tmp_path / "item.png") == images[3]).all()
+    assert (read_image(tmp_path / "item.png") == images[3].numpy()).all()

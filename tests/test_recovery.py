@@ -257,7 +257,8 @@ def test_a_seed_changed_mid_epoch_is_refused_but_not_at_an_epoch_end(tmp_path, d
     assert refused.returncode == 2 and "the rest of the epoch would be drawn in another order" in refused.stderr
     at_the_end = tmp_path / "at-the-end"
     train_tiny(at_the_end, data_dir, "--epochs", "1")
-    assert "resume: --seed 0 -> 5 from step 32" in train_tiny(at_the_end, data_dir, "--epochs", "2", "--seed", "5").stdout
+    resumed = train_tiny(at_the_end, data_dir, "--epochs", "2", "--seed", "5")
+    assert "resume: --seed 0 -> 5 from step 32" in resumed.stdout
 
 
 # ----------------------------------------------------------------------------- red team: newer checkpoints
@@ -395,7 +396,7 @@ def test_predict_refuses_an_image_of_too_many_pixels_with_one_line(tmp_path, tra
 
 def test_evaluate_of_an_export_writes_no_data_where_its_card_points(tmp_path, trained_run):
     run(["--checkpoint", str(trained_run), "--out", str(tmp_path / "export")], subcommand="export")
-    card_file = tmp_path / "export" / "model_card.json"
+    card_file = tmp_path / "export" / "config.json"
     card = json.loads(card_file.read_text())
     card["training_config"]["data_dir"] = str(tmp_path / "elsewhere")
     card_file.write_text(json.dumps(card))

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from dist_alexnet.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dist_alexnet.preemption import requeue_command
-from tests.helpers import (TRAIN_SAMPLES, cpu_env, fake_scontrol, metrics, run, scalars, start, steps_per_epoch, tiny_args,
-                           train_tiny, truncate, wait_for_line, worker_pids)
+from tests.helpers import (TRAIN_SAMPLES, cpu_env, fake_scontrol, metrics, run, scalars, start, steps_per_epoch,
+                           tiny_args, train_tiny, truncate, wait_for_line, worker_pids)
 
 
 def final_weights(run_dir, which="model"):

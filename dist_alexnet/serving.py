@@ -1,0 +1,167 @@
+"""What predicting needs that is not the model: image files turned into what the model was trained on, the
+predictions as records, and an ONNX export run by ONNX Runtime. None of it imports torch, so that
+`dist-alexnet predict --onnx` serves an exported model with ONNX Runtime and numpy alone.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dist_alexnet.errors import ConfigError
+
+# predict's limit: a picture of a garment needs far fewer pixels (and a 12000x12000 PNG of 140 KB takes 3.5 GB)
+MAX_PIXELS = 40_000_000
+# Named in predict's message about a directory without images (PIL reads many more).
+COMMON_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read; predict reports it and goes on with the other files."""
+
+
+def image_files(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files to predict (a directory means the image files in it, by name) and the arguments that
+    are not usable, each with the reason."""
+    from PIL import Image
+
+    extensions = set(Image.registered_extensions())
+    files, problems = [], []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+            if not found:
+                problems.append((argument, f"directory {path} holds no image files (looked for "
+                                           f"{', '.join(sorted(COMMON_EXTENSIONS))}, ...)"))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append((argument, f"{path} does not exist"))
+    return files, problems
+
+
+def read_image(path: Path, invert: bool = False) -> np.ndarray:
+    """Any PIL-readable image (any size; RGB, RGBA, palette, grayscale, 16-bit...) -> uint8 [28, 28] the way
+    Fashion-MNIST stores an item: grayscale, a light object on a dark background, the whole picture fitted
+    into 28x28 (aspect ratio kept, bilinear, antialiased when it shrinks; the rest filled with background).
+    Transparent pixels are background. `invert` turns a photo of a dark object on light ground into that
+    polarity."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL's own, looser limit warns; ours below refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only: the size is known before the pixels are decoded
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {image.width}x{image.height} pixels is more than the "
+                                 f"{MAX_PIXELS / 1e6:g} megapixels predict reads; scale it down first; skipped")
+            image.load()
+            gray = grayscale(image, background=1.0 if invert else 0.0)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:  # beyond twice PIL's limit it refuses on its own
+        raise ImageError(f"{path}: more than the {MAX_PIXELS / 1e6:g} megapixels predict reads ({err}); scale it "
+                         f"down first; skipped") from None
+    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"{path}: cannot read it as an image ({reason}); skipped") from None
+    if invert:
+        gray = 1 - gray
+    height, width = gray.shape
+    scale = 28 / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if size != (height, width):  # PIL's bilinear filter widens with the scale when it shrinks: antialiased
+        gray = np.asarray(Image.fromarray(gray, mode="F").resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    top, left = (28 - size[0]) // 2, (28 - size[1]) // 2
+    fitted = np.zeros((28, 28), dtype=np.float32)
+    fitted[top:top + size[0], left:left + size[1]] = gray
+    return np.clip(np.round(fitted * 255), 0, 255).astype(np.uint8)
+
+
+def grayscale(image, background: float) -> np.ndarray:
+    """A PIL image -> float32 [H, W] in [0, 1]; transparency is blended onto `background`."""
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float32) / 65535
+    if image.mode in ("I", "F"):  # 32-bit integer or float pixels: scale by the range they use
+        values = np.asarray(image, dtype=np.float32)
+        top = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
+        return np.clip(values / top, 0, 1)
+    luminance, alpha = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32).transpose(2, 0, 1) / 255
+    return luminance * alpha + background * (1 - alpha)
+
+
+def read_images(files: list[Path], invert: bool) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[str, str]]]:
+    """(file, uint8 [28, 28]) of each readable file, and (file, reason) for the others."""
+    readable, problems = [], []
+    for path in files:
+        try:
+            readable.append((path, read_image(path, invert)))
+        except ImageError as err:
+            problems.append((str(path), str(err)))
+    return readable, problems
+
+
+def prediction(path: Path, probabilities: np.ndarray, class_names: list[str], top_k: int) -> dict:
+    """One file's prediction as predict prints it (--json): the best class and the top k, all probabilities."""
+    order = np.argsort(-probabilities, kind="stable")[:min(top_k, len(class_names))]
+    best = int(order[0])
+    return {
+        "file": str(path),
+        "class": class_names[best],
+        "class_index": best,
+        "probability": float(probabilities[best]),
+        "top_k": [{"class": class_names[int(i)], "class_index": int(i), "probability": float(probabilities[i])}
+                  for i in order],
+        "probabilities": [float(p) for p in probabilities],
+    }
+
+
+def format_prediction(record: dict) -> str:
+    ranked = " | ".join(f"{t['class']} {t['probability']:.3f}" for t in record["top_k"])
+    return f"{record['file']}: {ranked}"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+ONNX_FILE = "model.onnx"
+
+
+def onnx_session(folder: Path):
+    """An ONNX Runtime session of an export's model.onnx (its input: uint8 images [batch, 28, 28])."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("predict --onnx needs ONNX Runtime: pip install 'dist-alexnet[onnx]'") from None
+    path = Path(folder) / ONNX_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: give an export made with `export --format onnx`")
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime reports a damaged or foreign file as its own exception types
+        raise ConfigError(f"{path} is not a model ONNX Runtime can load ({str(err).splitlines()[0][:200]})") from None
+
+
+def predict_onnx(folder: Path, files: list[Path], invert: bool = False, batch_size: int = 256,
+                 top_k: int = 3) -> tuple[list[dict], list[tuple[str, str]]]:
+    """predict with an export's model.onnx on ONNX Runtime: the normalization and the resize are in the graph,
+    so its input is the 28x28 uint8 image itself."""
+    session = onnx_session(folder)
+    class_names = json.loads((Path(folder) / "config.json").read_text())["class_names"]
+    readable, problems = read_images(files, invert)
+    records = []
+    for start in range(0, len(readable), batch_size):
+        chunk = readable[start:start + batch_size]
+        logits = session.run(None, {"images": np.stack([image for _, image in chunk])})[0]
+        records += [prediction(path, p, class_names, top_k) for (path, _), p in zip(chunk, softmax(logits))]
+    return records, problems
