@@ -310,6 +310,21 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def scaling_problems(args) -> list[str]:
+    """What is wrong with the options of the multi-process benchmark."""
+    problems = []
+    if args.processes < 1:
+        problems.append(f"--processes must be >= 1 (got {args.processes})")
+    if args.threads_per_process is not None and args.threads_per_process < 1:
+        problems.append(f"--threads-per-process must be >= 1 (got {args.threads_per_process})")
+    problems += [f"--ddp-bucket-mb must be >= 1 (got {mb})" for mb in args.ddp_bucket_mb if mb < 1]
+    if args.processes > 1 and args.device != "cpu" and torch.cuda.is_available() \
+            and torch.cuda.device_count() < args.processes:
+        problems.append(f"--processes {args.processes}: only {torch.cuda.device_count()} GPUs here (--device cpu "
+                        f"runs them on the CPU)")
+    return problems
+
+
 def main(args) -> int:
     """The `dist-alexnet benchmark` subcommand (flags in cli.py)."""
     if args.device == "cpu":
@@ -321,6 +336,7 @@ def main(args) -> int:
                 for name, low in (("steps", 1), ("windows", 1), ("warmup", 0)) if getattr(args, name) < low]
     if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
         problems.append(f"--peak-tflops must be a positive number (got {args.peak_tflops})")
+    problems += scaling_problems(args)
     try:
         cfg = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, mixed_precision=args.mixed_precision,
                           compile=args.compile, augment=args.augment, model_width=args.model_width,
@@ -329,8 +345,14 @@ def main(args) -> int:
         problems += str(err).splitlines()
     if problems:
         raise ConfigError("\n".join(problems))
-    result = run_benchmark(cfg, steps=args.steps, windows=args.windows, warmup=args.warmup, peak=args.peak_tflops)
-    print(format_table(result), flush=True)
+    if args.processes > 1:
+        from dist_alexnet.scaling_benchmark import format_scaling, run_scaling
+
+        result = run_scaling(args, cfg)
+        print(format_scaling(result), flush=True)
+    else:
+        result = run_benchmark(cfg, steps=args.steps, windows=args.windows, warmup=args.warmup, peak=args.peak_tflops)
+        print(format_table(result), flush=True)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

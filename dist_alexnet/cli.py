@@ -51,7 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-width", type=float, default=1.0, help="fraction of AlexNet's widths (default: 1.0)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random images and weights (default: 0)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as one JSON object")
+    bench.add_argument("--processes", type=int, default=1,
+                       help="N > 1: the trainer's step on 1 and on N processes (started with torchrun) side by side, "
+                            "with the gradient all-reduce's time, overlap and the scaling model's prediction")
+    bench.add_argument("--threads-per-process", type=int, default=None,
+                       help="with --processes: torch threads in each process (default: CPU cores / N)")
+    bench.add_argument("--ddp-comm-hook", nargs="+", choices=("none", "bf16", "fp16"), default=["none"],
+                       help="with --processes: gradient all-reduce in fp32 (none) or compressed; several are "
+                            "measured one after the other (default: none)")
+    bench.add_argument("--ddp-bucket-mb", nargs="+", type=int, default=[25],
+                       help="with --processes: DDP bucket sizes to measure (default: 25)")
     bench.set_defaults(run=run_benchmark)
+
+    scaling = commands.add_parser("scaling-model", parents=[debug],
+                                  help="predict the step time and weak-scaling efficiency on 1-512 GPUs (nodes of "
+                                       "8) from one GPU's step and the links")
+    scaling.add_argument("--profile", metavar="JSON",
+                         help="one process's step profile: a `benchmark --processes N --json` result or the --json "
+                              "of an earlier scaling-model --measure (default: an assumed H200 step)")
+    scaling.add_argument("--measure", action="store_true",
+                         help="measure the profile here, on this machine's GPU (or CPU), at --batch-size")
+    scaling.add_argument("--batch-size", type=int, default=512, help="with --measure (default: 512)")
+    scaling.add_argument("--image-size", type=int, default=224, help="(default: 224)")
+    scaling.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16",
+                         help="with --measure (default: bf16)")
+    scaling.add_argument("--model-width", type=float, default=1.0,
+                         help="with --measure: fraction of AlexNet's widths (default: 1.0)")
+    scaling.add_argument("--json", metavar="PATH", help="also write the table (and the profile) as JSON")
+    scaling.set_defaults(run=run_scaling_model)
 
     evaluate = model_command(commands, debug, "evaluate", run_evaluate,
                              "exact accuracy, loss, per-class accuracy and confusion matrix of a checkpoint (one "
@@ -120,6 +147,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from dist_alexnet.benchmark import main as benchmark  # imports torch/accelerate: keep `--help` fast
 
     return benchmark(args)
+
+
+def run_scaling_model(args: argparse.Namespace) -> int:
+    from dist_alexnet.scaling_model import main as scaling_model
+
+    return scaling_model(args)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -3,9 +3,13 @@
 #   1. dist-alexnet benchmark at 224, bf16, batch 512 and 256, each without and with --compile
 #   2. a 3-epoch training run with launch/configs/fast.yaml on the synthetic set of Fashion-MNIST's size
 #      (60,000 training images), with every visible GPU
+#   3. the scaling model's input measured on one GPU (scaling-model --measure, bf16, batch 512) and, with
+#      several GPUs, benchmark --processes <GPUs>: the measured scaling in the node
 # Results, as JSON files in $GPU_CHECK_DIR (default ./gpu-check), with each step's log beside its file:
 #   benchmark-b<batch>.json, benchmark-b<batch>-compile.json   what `benchmark --json` writes
 #   train-metrics.json                                         the training run's metrics.json
+#   scaling-model.json, scaling-benchmark.json                 the step profile and predicted table; the
+#                                                              measured n-GPU scaling (several GPUs only)
 #   summary.json                                               the figures the targets name, met or not
 # Without CUDA the same steps run at toy sizes on the CPU (the tests do that): it proves the script, not
 # the speed. Exit status: 0 when every step ran, 1 otherwise (unmet targets show in summary.json).
@@ -22,6 +26,7 @@ if [ "$GPUS" -gt 0 ]; then
     BENCH=(--image-size 224 --mixed-precision bf16 --steps 20 --windows 5 --warmup 5)
     BATCHES=(512 256)
     TRAIN=(--synthetic-train-size 60000 --synthetic-test-size 10000 --log-every 20)
+    SCALING=(--batch-size 512)
     if [ "$GPUS" -gt 1 ]; then
         LAUNCH=(accelerate launch --config_file "$REPO/launch/accelerate/one_node.yaml" --num_processes "$GPUS")
     else
@@ -34,6 +39,7 @@ else
     BATCHES=(16)
     TRAIN=(--synthetic-train-size 512 --synthetic-test-size 101 --image-size 64 --model-width 0.125 --batch-size 32
            --log-every 4)
+    SCALING=(--batch-size 4 --image-size 64 --model-width 0.125)
     LAUNCH=("$PYTHON" -m dist_alexnet.cli)
 fi
 
@@ -62,6 +68,11 @@ rm -rf "$OUT/train-run"
 step train "${LAUNCH[@]}" train --config "$REPO/launch/configs/fast.yaml" --dataset synthetic "${TRAIN[@]}" --epochs 3 \
     --data-dir "$OUT/data" --output-dir "$OUT/train-run" --resume none
 cp "$OUT/train-run/metrics.json" "$OUT/train-metrics.json" 2>/dev/null
+step scaling-model "$PYTHON" -m dist_alexnet.cli scaling-model --measure "${SCALING[@]}" --json "$OUT/scaling-model.json"
+if [ "$GPUS" -gt 1 ]; then
+    step scaling-benchmark "$PYTHON" -m dist_alexnet.cli benchmark --processes "$GPUS" "${BENCH[@]}" --batch-size 512 \
+        --ddp-comm-hook none bf16 --json "$OUT/scaling-benchmark.json"
+fi
 for batch in "${BATCHES[@]:1}"; do bench "$batch"; done
 for batch in "${BATCHES[@]}"; do bench "$batch" --compile; done
 

@@ -1,0 +1,428 @@
+"""`dist-alexnet benchmark --processes N`: the trainer's step on 1 and on N processes, side by side, and where
+the difference goes.
+
+The command starts N processes with torch's launcher (torchrun --standalone) once per variant (each
+--ddp-comm-hook x --ddp-bucket-mb). In every process: the trainer's model, optimizer and Accelerator (the same
+functions as `train`), a batch made once on the device, the same batch size per process. Every --windows
+round times, one after the other, so that load from elsewhere falls on all alike:
+
+  solo     rank 0 alone, a copy of the model outside DDP, while the other ranks wait at a barrier: 1 process
+  no_sync  all N ranks, DDP's no_sync(): the same compute, no gradient all-reduce (what sharing the machine costs)
+  ddp      all N ranks, the trainer's own step (steps.train_step: DDP all-reduce, the per-step stop check)
+
+A DDP communication hook (torch's allreduce or bf16/fp16 compression hook, wrapped) records when each bucket's
+all-reduce starts and ends. From that, per step: the all-reduce time (the time some bucket is in flight), the
+exposed part (from the last bucket's start, when backward has produced its last gradient, to the end of the
+last all-reduce) and the hidden part (the rest). The hook's clock is the host's: on CUDA the figures would be
+launch times, not kernel times, so there they are left out (null) and only the images/s are measured.
+
+Then rank 0 measures one process's step profile (forward, backward with each gradient's ready time,
+optimizer), and all ranks time plain all-reduces of 1-64 MiB, which give the link (bandwidth, latency) that the
+scaling model (scaling_model.py) uses to predict the ddp step; the prediction and its error are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from dist_alexnet.errors import ConfigError
+
+ALLREDUCE_SIZES_MB = (1, 4, 16, 64)
+RANK0_SUMMARY = "summary.json"
+
+
+# ----------------------------------------------------------------------------- parent: launch and report
+
+def run_scaling(args, cfg) -> dict:
+    """Launch one N-process run per variant and gather rank 0's results."""
+    from dist_alexnet.config import resolve_mixed_precision
+
+    variants = [(hook, bucket) for hook in args.ddp_comm_hook for bucket in args.ddp_bucket_mb]
+    threads = args.threads_per_process or max(1, (os.cpu_count() or 1) // args.processes)
+    results = {"processes": args.processes, "threads_per_process": threads, "image_size": cfg.image_size,
+               "batch_size_per_process": cfg.batch_size, "model_width": cfg.model_width,
+               "mixed_precision": resolve_mixed_precision(cfg), "steps": args.steps, "windows": args.windows,
+               "warmup": args.warmup, "variants": []}
+    for hook, bucket in variants:
+        print(f"measuring {args.processes} processes, --ddp-comm-hook {hook}, --ddp-bucket-mb {bucket} ...",
+              flush=True)
+        results["variants"].append(launch_variant(args, cfg, hook, bucket, threads))
+    return results
+
+
+def launch_variant(args, cfg, hook: str, bucket_mb: int, threads: int) -> dict:
+    from dist_alexnet.config import resolve_mixed_precision
+
+    with tempfile.TemporaryDirectory(prefix="dist-alexnet-scaling-") as folder:
+        out = Path(folder) / RANK0_SUMMARY
+        worker_args = ["--out", str(out), "--hook", hook, "--bucket-mb", str(bucket_mb), "--threads", str(threads),
+                       "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size),
+                       "--model-width", str(cfg.model_width), "--mixed-precision", resolve_mixed_precision(cfg),
+                       "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
+                       "--seed", str(cfg.seed)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(args.processes), "-m", "dist_alexnet.scaling_benchmark", *worker_args]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if args.device == "cpu" or not cuda_available():
+            env["ACCELERATE_USE_CPU"] = "1"
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise ConfigError(f"the {args.processes}-process benchmark failed (exit {proc.returncode}): "
+                              f"{worker_error(proc.stderr + proc.stdout)}")
+        return json.loads(out.read_text())
+
+
+def worker_error(output: str) -> str:
+    """The line of a failed run that names the error (a worker's last "...Error: ..." line), else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"(\[rank\d+\]: )?\w*(Error|Exception)\b", line)]
+    exits = [line for line in lines if re.search(r"exitcode|Signal \d+|terminate called", line)]
+    return (errors or exits or lines or ["no output"])[-1]
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def format_scaling(r: dict) -> str:
+    n = r["processes"]
+    lines = [f"dist-alexnet benchmark --processes {n} | {r['threads_per_process']} torch thread(s) per process | image "
+             f"{r['image_size']}, batch {r['batch_size_per_process']} per process, model width {r['model_width']}, "
+             f"mixed precision {r['mixed_precision']} | median of {r['windows']} windows x {r['steps']} steps",
+             f"{'variant':<22}{'1 proc img/s':>13}{f'{n} proc img/s':>13}{'efficiency':>11}{'no_sync eff':>12}"
+             f"{'all-reduce':>11}{'hidden':>8}{'exposed':>9}{'model':>9}{'error':>8}"]
+    for v in r["variants"]:
+        comm = v["communication"]
+        ms = (lambda key: f"{comm[key] * 1e3:.0f} ms") if comm else (lambda key: "n/a")
+        overlap = f"{comm['overlap']:.0%}" if comm else "n/a"
+        model = v["model"]
+        lines.append(f"{v['ddp_comm_hook'] + ', ' + str(v['ddp_bucket_mb']) + ' MB':<22}"
+                     f"{v['solo_images_per_sec']:>13,.1f}{v['images_per_sec']:>13,.1f}"
+                     f"{v['weak_scaling_efficiency']:>11.3f}{v['no_sync_efficiency']:>12.3f}"
+                     f"{ms('allreduce_s'):>11}{overlap:>8}{ms('exposed_s'):>9}"
+                     f"{model['efficiency']:>9.3f}{model['step_error']:>+8.1%}")
+    lines.append("efficiency: N-process images/s / (N x 1-process images/s); no_sync: the same without the gradient "
+                 "all-reduce; hidden: the share of the all-reduce behind backward; model: the predicted efficiency "
+                 "and the error of its step time")
+    for v in r["variants"]:
+        b = v["breakdown_ms"]
+        lines.append(f"{v['ddp_comm_hook']}, {v['ddp_bucket_mb']} MB: step {v['step_s']['solo'] * 1e3:.0f} ms on 1 "
+                     f"process -> {v['step_s']['ddp'] * 1e3:.0f} ms on {n}: + {b['sharing_the_machine']:.0f} ms "
+                     f"sharing the machine (no_sync), + {b['exposed_allreduce']:.0f} ms exposed all-reduce, "
+                     f"+ {b['compute_slowed_by_allreduce']:.0f} ms compute slowed by the hidden all-reduce | link "
+                     f"{v['link']['bandwidth'] / 1e9:.2f} GB/s + {v['link']['latency'] * 1e3:.2f} ms per call")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- worker: one of the N processes
+
+class BucketTimer:
+    """A DDP communication hook that runs `inner` (torch's allreduce or compression hook) and records each
+    bucket's start and end time, its size and its parameters."""
+
+    def __init__(self, inner, names_by_pointer: dict[int, str]):
+        self.inner, self.names_by_pointer = inner, names_by_pointer
+        self.recording, self.steps, self.buckets = False, [], {}
+        self.lock = threading.Lock()
+
+    def hook(self, state, bucket):
+        start = time.perf_counter()
+        future = self.inner(state, bucket)
+        if not self.recording:
+            return future
+        # DDP rebuilds its buckets in the order gradients arrived after the first step: keep the latest layout
+        self.buckets[bucket.index()] = {"numel": bucket.buffer().numel(),
+                                        "params": [self.names_by_pointer[p.data_ptr()] for p in bucket.parameters()]}
+        if bucket.index() == 0:
+            self.steps.append([])
+        record = self.steps[-1]
+
+        def done(fut):
+            with self.lock:
+                record.append((start, time.perf_counter()))
+            return fut.value()
+
+        return future.then(done)
+
+    def per_step(self) -> dict:
+        """Medians over the recorded steps: time with some all-reduce in flight, and its exposed part."""
+        busy, exposed = [], []
+        for intervals in self.steps:
+            intervals = sorted(intervals)
+            total, end = 0.0, -1e30
+            for s, e in intervals:
+                total += max(0.0, e - max(s, end))
+                end = max(end, e)
+            busy.append(total)
+            exposed.append(max(0.0, end - intervals[-1][0]))
+        allreduce_s, exposed_s = statistics.median(busy), statistics.median(exposed)
+        hidden = max(0.0, allreduce_s - exposed_s)
+        return {"allreduce_s": allreduce_s, "exposed_s": exposed_s, "hidden_s": hidden,
+                "overlap": hidden / allreduce_s if allreduce_s else 0.0}
+
+
+def comm_hook(name: str):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return {"none": default_hooks.allreduce_hook, "bf16": default_hooks.bf16_compress_hook,
+            "fp16": default_hooks.fp16_compress_hook}[name]
+
+
+class ProfiledStep:
+    """One process's plain training step (forward, loss, backward, optimizer) that, while `recording`, notes how
+    long forward, backward and the optimizer took and when each parameter's gradient was ready; `profile()` is
+    the median over the recorded steps. The solo measurement's steps are these: its images/s and its profile
+    come from the same steps."""
+
+    def __init__(self, model, optimizer, inputs, labels, device, autocast=contextlib.nullcontext):
+        import torch
+
+        self.model, self.optimizer, self.inputs, self.labels, self.autocast = model, optimizer, inputs, labels, autocast
+        self.device, self.cuda = device, device.type == "cuda"
+        self.recording, self.samples, self.marks = False, [], {}
+        self.torch = torch
+        names = {p: name for name, p in model.named_parameters()}
+
+        def note_ready(param):
+            if self.recording:
+                self.marks[names[param]] = self.mark()
+
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(note_ready)
+
+    def mark(self):
+        if self.cuda:
+            event = self.torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def __call__(self) -> None:
+        import torch.nn.functional as F
+
+        self.marks = {}
+        t0 = self.mark() if self.recording else None
+        with self.autocast():
+            loss = F.cross_entropy(self.model(self.inputs), self.labels)
+        t1 = self.mark() if self.recording else None
+        loss.backward()
+        t2 = self.mark() if self.recording else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recording:
+            t3 = self.mark()
+            if self.cuda:
+                self.torch.cuda.synchronize(self.device)
+            self.samples.append((self.seconds(t0, t1), self.seconds(t1, t2), self.seconds(t2, t3),
+                                 {name: self.seconds(t1, m) for name, m in self.marks.items()}))
+
+    def profile(self):
+        from dist_alexnet.scaling_model import StepProfile, parameter_sizes
+
+        def median(i):
+            return statistics.median(sample[i] for sample in self.samples)
+
+        ready = {name: statistics.median(sample[3][name] for sample in self.samples) for name in self.samples[0][3]}
+        return StepProfile(median(0), median(1), median(2), ready, self.inputs.shape[0],
+                           f"measured on {self.device.type}, 1 process", parameter_sizes(self.model))
+
+
+def worker(opts: argparse.Namespace) -> None:
+    import torch
+
+    from dist_alexnet.config import TrainConfig
+    from dist_alexnet.distributed import make_accelerator
+    from dist_alexnet.model import build_model
+    from dist_alexnet.optimization import make_optimizer
+    from dist_alexnet.stats import StepStats
+    from dist_alexnet.steps import train_step
+
+    torch.set_num_threads(opts.threads)
+    cfg = TrainConfig(image_size=opts.image_size, batch_size=opts.batch_size, model_width=opts.model_width,
+                      mixed_precision=opts.mixed_precision, ddp_bucket_mb=opts.bucket_mb, seed=opts.seed).validate()
+    accelerator = make_accelerator(cfg)  # comm hook "none" here: ours, timed, is registered below
+    dev, rank, n = accelerator.device, accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, dev)
+    solo_model = copy.deepcopy(model) if rank == 0 else None
+    solo_optimizer = make_optimizer(cfg, solo_model, cfg.lr) if solo_model is not None else None
+    optimizer = make_optimizer(cfg, model, cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    names = {p.data_ptr(): name for name, p in accelerator.unwrap_model(model).named_parameters()}
+    timer = BucketTimer(comm_hook(opts.hook), names)
+    model.register_comm_hook(None, timer.hook)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
+    inputs = torch.randn(cfg.batch_size, 1, cfg.image_size, cfg.image_size, generator=generator).to(dev)
+    labels = torch.randint(0, 10, (cfg.batch_size,), generator=generator).to(dev)
+    stats = StepStats(accelerator)
+
+    solo_step = ProfiledStep(solo_model, solo_optimizer, inputs, labels, dev, accelerator.autocast) if rank == 0 \
+        else None
+    no_sync_step = ProfiledStep(model, optimizer, inputs, labels, dev, accelerator.autocast)
+
+    def solo():
+        if solo_step is not None:
+            solo_step()
+
+    def no_sync():
+        with model.no_sync():
+            no_sync_step()
+
+    def ddp():
+        train_step(model, optimizer, accelerator, inputs, labels, stats)
+
+    measurements = {"solo": solo, "no_sync": no_sync, "ddp": ddp}
+    times = time_windows(measurements, {"ddp": timer, "solo": solo_step}, accelerator, opts)
+    step_s = {name: statistics.median(values) for name, values in times.items()}
+    communication = timer.per_step() if dev.type == "cpu" else None
+    link_times = time_allreduces(accelerator)
+    profile = solo_step.profile() if rank == 0 else None
+    if rank == 0:
+        summary = summarize(cfg, opts, n, step_s, times, communication, timer, link_times, profile)
+        Path(opts.out).write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def time_windows(measurements: dict, recorders: dict, accelerator, opts) -> dict[str, list[float]]:
+    """Seconds per step of each measurement in each window (solo: rank 0's clock; the others: the slowest
+    rank's), after the warm-up steps. A recorder (the bucket timer, the solo step's profile) records during its
+    measurement's windows only."""
+    import torch
+
+    def sync():
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+
+    for step in measurements.values():
+        for _ in range(opts.warmup):
+            step()
+    sync()
+    accelerator.wait_for_everyone()
+    times = {name: [] for name in measurements}
+    for _ in range(opts.windows):
+        for name, step in measurements.items():
+            for key, recorder in recorders.items():
+                if recorder is not None:
+                    recorder.recording = key == name
+            accelerator.wait_for_everyone()
+            start = time.perf_counter()
+            for _ in range(opts.steps):
+                step()
+            sync()
+            elapsed = torch.tensor([(time.perf_counter() - start) / opts.steps], device=accelerator.device)
+            slowest = accelerator.gather(elapsed)
+            times[name].append(float(slowest[0] if name == "solo" else slowest.max()))
+    for recorder in recorders.values():
+        if recorder is not None:
+            recorder.recording = False
+    return times
+
+
+def time_allreduces(accelerator, repeats: int = 3) -> dict[int, float]:
+    """Median seconds of a plain fp32 all-reduce of each size in ALLREDUCE_SIZES_MB (the slowest rank's)."""
+    import torch
+    import torch.distributed as dist
+
+    result = {}
+    for mb in ALLREDUCE_SIZES_MB:
+        tensor = torch.ones(mb * 2**20 // 4, device=accelerator.device)
+        samples = []
+        for _ in range(repeats + 1):
+            accelerator.wait_for_everyone()
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize(accelerator.device)
+            samples.append(time.perf_counter() - start)
+        elapsed = accelerator.gather(torch.tensor([statistics.median(samples[1:])], device=accelerator.device))
+        result[mb * 2**20] = float(elapsed.max())
+    return result
+
+
+def summarize(cfg, opts, n, step_s, times, communication, timer, link_times, profile) -> dict:
+    """Rank 0's JSON object for one variant: the measured steps, the communication, the link fitted to the plain
+    all-reduces, and the model's prediction for this case (with and without overlap) against the measurement."""
+    from dist_alexnet.scaling_model import fit_link, predict_step
+
+    link = fit_link(list(link_times), list(link_times.values()), n, f"gloo all-reduce of 1-64 MiB, {n} processes")
+    wire = 4 if opts.hook == "none" else 2
+    # On a CPU whose every core computes, an all-reduce in flight takes cores from backward: no free overlap.
+    overlap = profile.source.startswith("measured on cuda")
+    predicted = predict_step(profile, n, link, opts.bucket_mb, wire, overlap=overlap)
+    predicted_overlap = predict_step(profile, n, link, opts.bucket_mb, wire, overlap=True)
+    solo_s, no_sync_s, ddp_s = step_s["solo"], step_s["no_sync"], step_s["ddp"]
+    exposed = communication["exposed_s"] if communication else None
+    ms = 1e3
+    return {
+        "processes": n,
+        "ddp_comm_hook": opts.hook,
+        "ddp_bucket_mb": opts.bucket_mb,
+        "solo_images_per_sec": cfg.batch_size / solo_s,
+        "no_sync_images_per_sec": n * cfg.batch_size / no_sync_s,
+        "images_per_sec": n * cfg.batch_size / ddp_s,
+        "weak_scaling_efficiency": solo_s / ddp_s,
+        "no_sync_efficiency": solo_s / no_sync_s,
+        "step_s": step_s,
+        "windows_step_s": times,
+        "communication": communication,
+        "breakdown_ms": {
+            "sharing_the_machine": (no_sync_s - solo_s) * ms,
+            "exposed_allreduce": exposed * ms if exposed is not None else None,
+            "compute_slowed_by_allreduce": (ddp_s - no_sync_s - exposed) * ms if exposed is not None else None,
+        },
+        "buckets": [timer.buckets[i] for i in sorted(timer.buckets)],
+        "link": {"bandwidth": link.bandwidth, "latency": link.latency, "source": link.source,
+                 "allreduce_s": {str(k): v for k, v in link_times.items()}},
+        "profile": profile.to_dict(),
+        "model": {
+            "overlap": overlap,
+            "step_s": predicted["step_s"],
+            "efficiency": predicted["efficiency"],
+            "allreduce_s": predicted["allreduce_s"],
+            "exposed_s": predicted["exposed_s"],
+            "step_error": predicted["step_s"] / ddp_s - 1,
+            "with_overlap": {"step_s": predicted_overlap["step_s"], "efficiency": predicted_overlap["efficiency"],
+                             "step_error": predicted_overlap["step_s"] / ddp_s - 1},
+        },
+        "model_buckets": [b["params"] for b in predicted["buckets"]],
+    }
+
+
+def parse_worker_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dist_alexnet.scaling_benchmark",
+                                     description="one process of `dist-alexnet benchmark --processes N`")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--hook", choices=("none", "bf16", "fp16"), default="none")
+    for name, kind in (("bucket-mb", int), ("threads", int), ("image-size", int), ("batch-size", int),
+                       ("model-width", float), ("steps", int), ("windows", int), ("warmup", int), ("seed", int)):
+        parser.add_argument(f"--{name}", type=kind, required=True)
+    parser.add_argument("--mixed-precision", default="no")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        worker(parse_worker_args(sys.argv[1:]))
+    finally:
+        # as after training (cli.run_train): free the DDP model and its gloo threads while the interpreter is
+        # fully alive, or their destruction at shutdown can abort the process
+        gc.collect()

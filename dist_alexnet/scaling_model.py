@@ -1,0 +1,324 @@
+"""The scaling model: how long a data-parallel training step takes on n GPUs, from one GPU's step and the links.
+
+One process's step is forward, backward, optimizer. Under DDP the gradient is all-reduced in buckets of about
+--ddp-bucket-mb, filled in backward order: AlexNet's classifier gradients (94% of the bytes) are ready first,
+its first convolution's last. A bucket's all-reduce starts when its last gradient is ready and the previous
+bucket's all-reduce is done (one communication stream), and takes
+
+    ring all-reduce time = 2 (n - 1) / n x bytes / bandwidth  (+ a fixed latency per call)
+
+The part of the communication that ends after backward's last gradient is exposed: it adds to the step; the
+rest is hidden behind backward. Weak-scaling efficiency = one process's step / the n-process step (the same
+batch per process). What the model leaves out: the compute a concurrent all-reduce takes from backward (NCCL's
+kernels use some SMs; on a CPU gloo's threads use the cores that compute, see `overlap=False`), stragglers,
+and the per-step stop check (one tiny all-gather).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+MB = 2**20  # DDP's bucket_cap_mb counts MiB
+FIRST_BUCKET_BYTES = 1 * MB  # torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES: DDP's first bucket is small
+
+# Link bandwidths per GPU for the all-reduce ("bus bandwidth", as nccl-tests reports it) and a fixed latency per
+# all-reduce call. Assumptions, with their sources:
+# - NVLink 4 in an 8-GPU H100/H200 node: 900 GB/s per GPU both directions together (NVIDIA's H100/H200 data
+#   sheets), 450 GB/s each way; NCCL's ring all-reduce reaches about 80% of it (nccl-tests all_reduce_perf
+#   bus bandwidth on HGX H100 systems is typically reported at 350-370 GB/s without NVLink SHARP): 360 GB/s.
+# - Between nodes, InfiniBand NDR, one 400 Gb/s ConnectX-7 per GPU (DGX H100/H200): 50 GB/s per GPU line rate,
+#   about 90% of it reached by NCCL's inter-node all-reduce: 45 GB/s. With a NIC per GPU, the 8 rings of a node
+#   run side by side, so the inter-node link bounds the per-GPU bus bandwidth.
+# - Latency: about 20 us per all-reduce call in a node and 50 us across nodes (small-message all_reduce_perf
+#   times are of this order); it matters only for many small buckets.
+GPU_LINKS = {
+    "nvlink": dict(bandwidth=360e9, latency=20e-6,
+                   source="NVLink 4, 450 GB/s each way per GPU (H100/H200 data sheets), ~80% reached by NCCL"),
+    "infiniband": dict(bandwidth=45e9, latency=50e-6,
+                       source="InfiniBand NDR 400 Gb/s per GPU (DGX H100/H200), ~90% reached by NCCL"),
+}
+GPUS_PER_NODE = 8
+# One H200's step, assumed until measured (`dist-alexnet scaling-model --measure` on a GPU machine): the
+# project's target of 40,000 images/s at batch 512 and 224 px, i.e. 12.8 ms, of which Adam over 58.3M parameters
+# (about 1.9 GB of memory traffic at ~4 TB/s) takes 0.5 ms; forward and backward share the rest 1:2.
+ASSUMED_GPU_STEP = dict(step_s=512 / 40_000, optimizer_s=0.5e-3, batch_size=512)
+
+
+def ring_allreduce_seconds(nbytes: float, n: int, bandwidth: float, latency: float = 0.0) -> float:
+    """The textbook ring all-reduce time of `nbytes` over n processes: 2(n-1)/n x nbytes / bandwidth, plus a
+    fixed latency per call. Zero for one process."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bandwidth + latency
+
+
+@dataclass
+class Link:
+    """How fast gradients move between the processes: bus bandwidth (bytes/s) and latency per all-reduce."""
+    bandwidth: float
+    latency: float
+    source: str
+
+    def allreduce_seconds(self, nbytes: float, n: int) -> float:
+        return ring_allreduce_seconds(nbytes, n, self.bandwidth, self.latency)
+
+
+def gpu_link(gpus: int) -> Link:
+    """The link that bounds an all-reduce over `gpus` GPUs in nodes of 8: NVLink inside one node, else the
+    InfiniBand NIC of each GPU."""
+    return Link(**GPU_LINKS["nvlink" if gpus <= GPUS_PER_NODE else "infiniband"])
+
+
+@dataclass
+class StepProfile:
+    """One process's training step: forward, backward and optimizer seconds, and for every parameter the
+    seconds after the start of backward at which its gradient is ready."""
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    ready_s: dict[str, float]
+    batch_size: int
+    source: str
+    sizes: list[tuple[str, int]]  # (name, elements) of each parameter, in the model's order
+
+
+    @property
+    def step_s(self) -> float:
+        return self.forward_s + self.backward_s + self.optimizer_s
+
+    def with_batch_size(self, batch_size: int) -> StepProfile:
+        """The same step at another batch per process: forward and backward in proportion to the batch (a GPU at
+        these batches is compute bound), the optimizer unchanged (it works on the weights)."""
+        k = batch_size / self.batch_size
+        return dataclasses.replace(self, forward_s=self.forward_s * k, backward_s=self.backward_s * k,
+                                   ready_s={name: t * k for name, t in self.ready_s.items()}, batch_size=batch_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepProfile:
+        fields = {field.name: d[field.name] for field in dataclasses.fields(cls)}
+        return cls(**{**fields, "sizes": [(name, int(numel)) for name, numel in fields["sizes"]]})
+
+
+def parameter_sizes(model) -> list[tuple[str, int]]:
+    """(name, number of elements) of each trainable parameter, in the model's order."""
+    return [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def gradient_buckets(sizes: list[tuple[str, int]], bucket_mb: float, bytes_per_element: int = 4) -> list[list[str]]:
+    """DDP's buckets, in the order their all-reduces start: parameters in reverse model order (the order backward
+    produces their gradients), each bucket closed once it holds at least its cap, the first one capped at 1 MiB
+    and the others at `bucket_mb` MiB (a parameter is never split, so one bigger than the cap has a bucket of
+    its own)."""
+    buckets, current, filled = [], [], 0
+    for name, numel in reversed(sizes):
+        current.append(name)
+        filled += numel * bytes_per_element
+        if filled >= (FIRST_BUCKET_BYTES if not buckets else bucket_mb * MB):
+            buckets.append(current)
+            current, filled = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def layer_flops_profile(model_width: float, image_size: int, step_s: float, optimizer_s: float, batch_size: int,
+                        source: str) -> StepProfile:
+    """A profile from a step time alone: forward and backward (1:2) spread over the convolutions and linear
+    layers in proportion to their FLOPs, backward running from the last layer to the first (the first layer
+    computes no input gradient: half its forward's backward). For a device we cannot measure here."""
+    import torch
+    from torch import nn
+
+    from dist_alexnet.model import AlexNet
+
+    with torch.device("meta"):  # shapes only, nothing computed
+        model = AlexNet(width=model_width)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    macs = {}
+
+    def count(name):
+        def hook(module, inputs, output):
+            per_output = (module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+                          if isinstance(module, nn.Conv2d) else module.in_features)
+            macs[name] = output.numel() * per_output
+        return hook
+
+    hooks = [m.register_forward_hook(count(name)) for name, m in layers]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, image_size, image_size, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    backward_work = {name: macs[name] * (1 if i == 0 else 2) for i, (name, _) in enumerate(layers)}
+    compute_s = step_s - optimizer_s
+    forward_s, backward_s = compute_s / 3, compute_s * 2 / 3
+    total, done, ready = sum(backward_work.values()), 0.0, {}
+    for name, module in reversed(layers):
+        done += backward_work[name]
+        for param_name, _ in module.named_parameters():
+            ready[f"{name}.{param_name}"] = backward_s * done / total
+    return StepProfile(forward_s, backward_s, optimizer_s, ready, batch_size, source, parameter_sizes(model))
+
+
+def predict_step(profile: StepProfile, n: int, link: Link, bucket_mb: float = 25,
+                 wire_bytes_per_element: int = 4, overlap: bool = True) -> dict:
+    """The n-process step the model predicts: each bucket's all-reduce in backward order, hidden behind backward
+    where it can be (`overlap`; without it, as on a CPU whose every core computes, communication adds in full).
+    `wire_bytes_per_element` is 2 for a bf16 or fp16 communication hook (the buckets keep their fp32 sizes)."""
+    numel = dict(profile.sizes)
+    free_at, comm_s, buckets = 0.0, 0.0, []
+    for names in gradient_buckets(profile.sizes, bucket_mb):
+        nbytes = sum(numel[name] for name in names) * wire_bytes_per_element
+        seconds = link.allreduce_seconds(nbytes, n)
+        start = max(free_at, max(profile.ready_s[name] for name in names)) if overlap else free_at
+        free_at = start + seconds
+        comm_s += seconds
+        buckets.append({"params": names, "wire_bytes": nbytes, "allreduce_s": seconds})
+    exposed_s = max(0.0, free_at - profile.backward_s) if overlap else comm_s
+    step_s = profile.step_s + exposed_s
+    return {
+        "processes": n,
+        "step_s": step_s,
+        "compute_s": profile.step_s,
+        "allreduce_s": comm_s,
+        "exposed_s": exposed_s,
+        "hidden_s": comm_s - exposed_s,
+        "efficiency": profile.step_s / step_s,
+        "images_per_sec": n * profile.batch_size / step_s,
+        "buckets": buckets,
+    }
+
+
+# The scenarios of the GPU table: what a user can change.
+SCENARIOS = {
+    "fp32 all-reduce, batch 512": dict(wire_bytes_per_element=4, batch_size=512, bucket_mb=25),
+    "bf16 hook, batch 512": dict(wire_bytes_per_element=2, batch_size=512, bucket_mb=25),
+    "fp32, batch 1024": dict(wire_bytes_per_element=4, batch_size=1024, bucket_mb=25),
+    "bf16 hook, 5 MB buckets": dict(wire_bytes_per_element=2, batch_size=512, bucket_mb=5),
+    "fp32, 100 MB buckets": dict(wire_bytes_per_element=4, batch_size=512, bucket_mb=100),
+}
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # up to 64 nodes of 8
+
+
+def gpu_table(profile: StepProfile) -> dict:
+    """The predicted efficiency and step time for each scenario at each GPU count."""
+    rows = []
+    for gpus in GPU_COUNTS:
+        row = {"gpus": gpus, "nodes": max(1, gpus // GPUS_PER_NODE)}
+        for label, s in SCENARIOS.items():
+            p = predict_step(profile.with_batch_size(s["batch_size"]), gpus, gpu_link(gpus), s["bucket_mb"],
+                             s["wire_bytes_per_element"])
+            row[label] = {"efficiency": p["efficiency"], "step_ms": p["step_s"] * 1e3,
+                          "exposed_ms": p["exposed_s"] * 1e3}
+        rows.append(row)
+    return {"profile": profile.to_dict(), "links": GPU_LINKS, "scenarios": SCENARIOS, "rows": rows}
+
+
+def format_gpu_table(table: dict) -> str:
+    profile = table["profile"]
+    step_ms = (profile["forward_s"] + profile["backward_s"] + profile["optimizer_s"]) * 1e3
+    labels = list(table["scenarios"])
+    lines = [f"predicted weak-scaling efficiency (step ms) | one process: {step_ms:.1f} ms at batch "
+             f"{profile['batch_size']} ({profile['source']})",
+             f"{'GPUs':>5} {'nodes':>5}  " + "  ".join(f"{label:>22}" for label in labels)]
+    for row in table["rows"]:
+        cells = [f"{row[label]['efficiency']:>13.1%} ({row[label]['step_ms']:5.1f})" for label in labels]
+        lines.append(f"{row['gpus']:>5} {row['nodes']:>5}  " + "  ".join(f"{cell:>22}" for cell in cells))
+    lines.append("links: " + "; ".join(f"{name} {link['bandwidth'] / 1e9:g} GB/s + {link['latency'] * 1e6:g} us per "
+                                       f"call ({link['source']})" for name, link in table["links"].items()))
+    return "\n".join(lines)
+
+
+def under(table: dict, label: str, threshold: float = 0.9) -> int | None:
+    """The fewest GPUs at which a scenario's predicted efficiency falls under `threshold`."""
+    return next((row["gpus"] for row in table["rows"] if row[label]["efficiency"] < threshold), None)
+
+
+def fit_link(sizes_bytes: list[float], seconds: list[float], n: int, source: str) -> Link:
+    """The Link whose ring all-reduce time fits measured all-reduce times best (least squares of t = a + b x
+    bytes; bandwidth = 2(n-1)/n / b, latency = a)."""
+    count = len(sizes_bytes)
+    mean_x, mean_y = sum(sizes_bytes) / count, sum(seconds) / count
+    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes_bytes, seconds))
+             / sum((x - mean_x) ** 2 for x in sizes_bytes))
+    intercept = mean_y - slope * mean_x
+    bandwidth = 2 * (n - 1) / n / slope if slope > 0 else math.inf
+    return Link(bandwidth=bandwidth, latency=max(0.0, intercept), source=source)
+
+
+def load_profile(path: str) -> StepProfile:
+    """The step profile in a JSON file: a `benchmark --processes N` result (its first variant's), a
+    `scaling-model --json` table, or a bare profile."""
+    import json
+
+    from dist_alexnet.errors import ConfigError
+
+    try:
+        data = json.loads(open(path).read())
+        data = data["variants"][0] if "variants" in data else data
+        return StepProfile.from_dict(data.get("profile", data))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--profile {path}: not a step profile ({type(err).__name__}: {err})") from None
+
+
+def measured_profile(batch_size: int, image_size: int, mixed_precision: str, model_width: float = 1.0) -> StepProfile:
+    """One process's step profile, measured here (CUDA when available)."""
+    import contextlib
+
+    import torch
+
+    from dist_alexnet.config import TrainConfig
+    from dist_alexnet.model import build_model
+    from dist_alexnet.optimization import make_optimizer
+    from dist_alexnet.scaling_benchmark import ProfiledStep
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(batch_size=batch_size, image_size=image_size, model_width=model_width)
+    model = build_model(cfg, device)
+    optimizer = make_optimizer(cfg, model, cfg.lr)
+    inputs = torch.randn(batch_size, 1, image_size, image_size, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if mixed_precision == "bf16"
+                else contextlib.nullcontext)
+    step = ProfiledStep(model, optimizer, inputs, labels, device, autocast)
+    for _ in range(3):  # warm-up: cuDNN's autotuning, the optimizer's state
+        step()
+    step.recording = True
+    for _ in range(10):
+        step()
+    return step.profile()
+
+
+def main(args) -> int:
+    """The `dist-alexnet scaling-model` subcommand (flags in cli.py)."""
+    import json
+    from pathlib import Path
+
+    from dist_alexnet.errors import ConfigError
+
+    if args.profile and args.measure:
+        raise ConfigError("--profile and --measure: give one of them")
+    if args.batch_size < 1 or args.image_size < 64 or not 0 < args.model_width <= 4:
+        raise ConfigError(f"--batch-size must be >= 1, --image-size >= 64 and --model-width in (0, 4] (got "
+                          f"{args.batch_size}, {args.image_size}, {args.model_width})")
+    if args.measure:
+        profile = measured_profile(args.batch_size, args.image_size, args.mixed_precision, args.model_width)
+    elif args.profile:
+        profile = load_profile(args.profile)
+    else:
+        profile = layer_flops_profile(1.0, args.image_size, **ASSUMED_GPU_STEP,
+                                      source="assumed H200 step, 40,000 images/s, not measured")
+    table = gpu_table(profile)
+    print(format_gpu_table(table))
+    for label in SCENARIOS:
+        gpus = under(table, label)
+        print(f"{label}: efficiency under 90% from {gpus} GPUs" if gpus else f"{label}: 90% or more up to "
+              f"{GPU_COUNTS[-1]} GPUs")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

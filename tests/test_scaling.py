@@ -1,0 +1,138 @@
+"""The scaling model's arithmetic, and `dist-alexnet benchmark --processes 2` run for real with torchrun."""
+
+import json
+import math
+
+import pytest
+
+from dist_alexnet.model import AlexNet
+from dist_alexnet.scaling_model import (MB, Link, StepProfile, fit_link, gradient_buckets, layer_flops_profile,
+                                        parameter_sizes, predict_step, ring_allreduce_seconds)
+from tests.helpers import run
+
+SIZES = parameter_sizes(AlexNet())
+TOY = ["--image-size", "64", "--model-width", "0.125", "--batch-size", "8", "--steps", "2", "--windows", "2",
+       "--warmup", "1"]
+
+
+def test_the_ring_allreduce_time_is_the_textbook_formula():
+    gradient_bytes = 58_299_082 * 4  # 233 MB of fp32 gradients
+    assert ring_allreduce_seconds(gradient_bytes, 8, 50e9) == pytest.approx(2 * 7 / 8 * gradient_bytes / 50e9)
+    assert ring_allreduce_seconds(gradient_bytes, 8, 50e9) == pytest.approx(8.16e-3, rel=1e-3)
+    assert ring_allreduce_seconds(1e6, 2, 1e9, latency=1e-3) == pytest.approx(1e-3 + 1e-3)
+    assert ring_allreduce_seconds(gradient_bytes, 1, 50e9) == 0.0
+
+
+@pytest.mark.parametrize("bucket_mb", [1, 25, 100])
+def test_the_buckets_hold_every_parameter_once_in_backward_order(bucket_mb):
+    numel = dict(SIZES)
+    buckets = gradient_buckets(SIZES, bucket_mb)
+    assert [name for bucket in buckets for name in bucket] == [name for name, _ in reversed(SIZES)]
+    for i, bucket in enumerate(buckets[:-1]):  # each closed as soon as it reached its cap, not before
+        cap = 1 * MB if i == 0 else bucket_mb * MB
+        assert sum(numel[n] for n in bucket) * 4 >= cap > sum(numel[n] for n in bucket[:-1]) * 4
+
+
+def test_alexnets_buckets_at_25_mb_are_the_classifier_then_the_convolutions():
+    groups = [{name.rsplit(".", 1)[0] for name in bucket} for bucket in gradient_buckets(SIZES, 25)]  # layers
+    assert groups == [{"classifier.7", "classifier.4"}, {"classifier.1"},
+                      {"features.10", "features.8", "features.6", "features.3", "features.0"}]
+
+
+def test_the_model_hides_what_backward_covers_and_no_more():
+    profile = layer_flops_profile(1.0, 224, step_s=0.0128, optimizer_s=0.5e-3, batch_size=512, source="test")
+    assert profile.step_s == pytest.approx(0.0128)
+    assert max(profile.ready_s.values()) == pytest.approx(profile.backward_s)  # conv 1's gradient comes last
+    assert profile.ready_s["classifier.7.weight"] < profile.ready_s["features.0.weight"]
+    assert predict_step(profile, 1, Link(1e9, 1e-3, "test"))["efficiency"] == 1.0
+    assert predict_step(profile, 8, Link(math.inf, 0.0, "test"))["efficiency"] == 1.0
+    slow = Link(10e9, 0.0, "test")
+    serial = predict_step(profile, 8, slow, overlap=False)
+    assert serial["exposed_s"] == pytest.approx(serial["allreduce_s"])
+    assert serial["allreduce_s"] == pytest.approx(ring_allreduce_seconds(58_299_082 * 4, 8, 10e9))
+    overlapped = predict_step(profile, 8, slow)
+    assert 0 < overlapped["exposed_s"] < serial["exposed_s"]
+    assert overlapped["step_s"] == pytest.approx(profile.step_s + overlapped["exposed_s"])
+    bf16 = predict_step(profile, 8, slow, wire_bytes_per_element=2)
+    assert bf16["allreduce_s"] == pytest.approx(overlapped["allreduce_s"] / 2)
+    assert bf16["efficiency"] > overlapped["efficiency"]
+    efficiencies = [predict_step(profile, n, slow)["efficiency"] for n in (2, 4, 8, 64)]
+    assert efficiencies == sorted(efficiencies, reverse=True)
+    # a bigger batch per GPU has more backward to hide the same bytes behind
+    assert predict_step(profile.with_batch_size(1024), 8, slow)["efficiency"] > overlapped["efficiency"]
+
+
+def test_a_link_fitted_to_ring_times_gives_back_its_bandwidth_and_latency():
+    sizes = [1 * MB, 4 * MB, 16 * MB, 64 * MB]
+    link = fit_link(sizes, [ring_allreduce_seconds(s, 2, 1.5e9, 2e-3) for s in sizes], 2, "test")
+    assert link.bandwidth == pytest.approx(1.5e9) and link.latency == pytest.approx(2e-3)
+
+
+def test_a_profile_survives_json():
+    profile = layer_flops_profile(0.125, 64, step_s=0.01, optimizer_s=1e-3, batch_size=8, source="test")
+    assert StepProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+
+
+@pytest.fixture(scope="module")
+def two_process_benchmark(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scaling") / "scaling.json"
+    result = run([*TOY, "--processes", "2", "--ddp-comm-hook", "none", "bf16", "--json", str(path)],
+                 subcommand="benchmark", timeout=300)
+    return json.loads(path.read_text()), result.stdout, path
+
+
+VARIANT_FIELDS = {"processes", "ddp_comm_hook", "ddp_bucket_mb", "solo_images_per_sec", "no_sync_images_per_sec",
+                  "images_per_sec", "weak_scaling_efficiency", "no_sync_efficiency", "step_s", "windows_step_s",
+                  "communication", "breakdown_ms", "buckets", "link", "profile", "model", "model_buckets"}
+
+
+def test_the_two_process_benchmark_writes_every_field(two_process_benchmark):
+    result, stdout, _ = two_process_benchmark
+    assert result["processes"] == 2 and result["threads_per_process"] >= 1
+    assert [v["ddp_comm_hook"] for v in result["variants"]] == ["none", "bf16"]
+    for v in result["variants"]:
+        assert set(v) == VARIANT_FIELDS and v["processes"] == 2
+        for key in ("solo_images_per_sec", "no_sync_images_per_sec", "images_per_sec", "weak_scaling_efficiency",
+                    "no_sync_efficiency"):
+            assert math.isfinite(v[key]) and v[key] > 0, key
+        assert v["weak_scaling_efficiency"] == pytest.approx(v["step_s"]["solo"] / v["step_s"]["ddp"])
+        assert all(len(times) == 2 for times in v["windows_step_s"].values())
+        comm = v["communication"]  # the hook's figures (CPU)
+        assert comm["allreduce_s"] > 0 and 0 <= comm["exposed_s"] and 0 <= comm["overlap"] <= 1
+        assert comm["hidden_s"] == pytest.approx(comm["allreduce_s"] - comm["exposed_s"], abs=1e-9)
+        assert v["link"]["bandwidth"] > 0 and math.isfinite(v["link"]["bandwidth"])
+        assert v["model"]["step_s"] > 0 and math.isfinite(v["model"]["step_error"])
+    assert "efficiency" in stdout and "bf16, 25 MB" in stdout
+
+
+def test_ddps_buckets_are_the_models_buckets(two_process_benchmark):
+    result, _, _ = two_process_benchmark
+    sizes = dict(parameter_sizes(AlexNet(width=0.125)))
+    for v in result["variants"]:
+        # DDP's own buckets, as its communication hook saw them, against the scaling model's
+        assert [set(b["params"]) for b in v["buckets"]] == [set(names) for names in v["model_buckets"]]
+        assert [b["numel"] for b in v["buckets"]] == [sum(sizes[n] for n in names) for names in v["model_buckets"]]
+
+
+def test_the_scaling_model_prints_the_gpu_table(two_process_benchmark, tmp_path):
+    assumed = run(["--json", str(tmp_path / "table.json")], subcommand="scaling-model")
+    assert "assumed H200 step" in assumed.stdout and "efficiency under 90% from" in assumed.stdout
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [row["gpus"] for row in table["rows"]] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert all(row[label]["efficiency"] == 1.0 for label in table["scenarios"] for row in table["rows"][:1])
+    measured = run(["--profile", str(two_process_benchmark[2])], subcommand="scaling-model")
+    assert "measured on cpu, 1 process" in measured.stdout
+
+
+def test_scaling_input_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.json").write_text("{}")
+    for args, subcommand, message in [
+        (["--processes", "0"], "benchmark", "--processes must be >= 1 (got 0)"),
+        (["--processes", "2", "--ddp-bucket-mb", "0"], "benchmark", "--ddp-bucket-mb must be >= 1 (got 0)"),
+        (["--processes", "2", "--threads-per-process", "0"], "benchmark", "--threads-per-process must be >= 1"),
+        (["--profile", str(tmp_path / "bad.json")], "scaling-model", "not a step profile"),
+        (["--profile", str(tmp_path / "missing.json")], "scaling-model", "not a step profile"),
+    ]:
+        result = run(args, subcommand=subcommand, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
