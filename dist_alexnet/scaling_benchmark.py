@@ -121,10 +121,12 @@ def format_scaling(r: dict) -> str:
                  "and the error of its step time")
     for v in r["variants"]:
         b = v["breakdown_ms"]
+        communication = (f"{b['exposed_allreduce']:+.0f} ms exposed all-reduce, "
+                         f"{b['compute_slowed_by_allreduce']:+.0f} ms compute slowed by the hidden all-reduce"
+                         if v["communication"] else "+ the all-reduce (not split: the hook sees CUDA launches only)")
         lines.append(f"{v['ddp_comm_hook']}, {v['ddp_bucket_mb']} MB: step {v['step_s']['solo'] * 1e3:.0f} ms on 1 "
-                     f"process -> {v['step_s']['ddp'] * 1e3:.0f} ms on {n}: + {b['sharing_the_machine']:.0f} ms "
-                     f"sharing the machine (no_sync), + {b['exposed_allreduce']:.0f} ms exposed all-reduce, "
-                     f"+ {b['compute_slowed_by_allreduce']:.0f} ms compute slowed by the hidden all-reduce | link "
+                     f"process -> {v['step_s']['ddp'] * 1e3:.0f} ms on {n}: {b['sharing_the_machine']:+.0f} ms "
+                     f"sharing the machine (no_sync), {communication} | link "
                      f"{v['link']['bandwidth'] / 1e9:.2f} GB/s + {v['link']['latency'] * 1e3:.2f} ms per call")
     return "\n".join(lines)
 
