@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --measure (default: bf16)")
     scaling.add_argument("--model-width", type=float, default=1.0,
                          help="with --measure: fraction of AlexNet's widths (default: 1.0)")
+    scaling.add_argument("--intra-node-gbs", type=float, default=None,
+                         help="all-reduce bus bandwidth per GPU inside a node, GB/s (default: 360, NVLink 4)")
+    scaling.add_argument("--inter-node-gbs", type=float, default=None,
+                         help="all-reduce bus bandwidth per GPU between nodes, GB/s (default: 45, InfiniBand NDR "
+                              "400 Gb/s per GPU)")
     scaling.add_argument("--json", metavar="PATH", help="also write the table (and the profile) as JSON")
     scaling.set_defaults(run=run_scaling_model)
 

@@ -6,7 +6,7 @@ The command starts N processes with torch's launcher (torchrun --standalone) onc
 functions as `train`), a batch made once on the device, the same batch size per process. Every --windows
 round times, one after the other, so that load from elsewhere falls on all alike:
 
-  solo     rank 0 alone, a copy of the model outside DDP, while the other ranks wait at a barrier: 1 process
+  solo     rank 0 alone, a copy of the model outside DDP, while the other ranks wait in a collective: 1 process
   no_sync  all N ranks, DDP's no_sync(): the same compute, no gradient all-reduce (what sharing the machine costs)
   ddp      all N ranks, the trainer's own step (steps.train_step: DDP all-reduce, the per-step stop check)
 

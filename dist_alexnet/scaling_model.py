@@ -65,10 +65,10 @@ class Link:
         return ring_allreduce_seconds(nbytes, n, self.bandwidth, self.latency)
 
 
-def gpu_link(gpus: int) -> Link:
+def gpu_link(gpus: int, links: dict = GPU_LINKS) -> Link:
     """The link that bounds an all-reduce over `gpus` GPUs in nodes of 8: NVLink inside one node, else the
     InfiniBand NIC of each GPU."""
-    return Link(**GPU_LINKS["nvlink" if gpus <= GPUS_PER_NODE else "infiniband"])
+    return Link(**links["nvlink" if gpus <= GPUS_PER_NODE else "infiniband"])
 
 
 @dataclass
@@ -204,18 +204,18 @@ SCENARIOS = {
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # up to 64 nodes of 8
 
 
-def gpu_table(profile: StepProfile) -> dict:
+def gpu_table(profile: StepProfile, links: dict = GPU_LINKS) -> dict:
     """The predicted efficiency and step time for each scenario at each GPU count."""
     rows = []
     for gpus in GPU_COUNTS:
         row = {"gpus": gpus, "nodes": max(1, gpus // GPUS_PER_NODE)}
         for label, s in SCENARIOS.items():
-            p = predict_step(profile.with_batch_size(s["batch_size"]), gpus, gpu_link(gpus), s["bucket_mb"],
+            p = predict_step(profile.with_batch_size(s["batch_size"]), gpus, gpu_link(gpus, links), s["bucket_mb"],
                              s["wire_bytes_per_element"])
             row[label] = {"efficiency": p["efficiency"], "step_ms": p["step_s"] * 1e3,
                           "exposed_ms": p["exposed_s"] * 1e3}
         rows.append(row)
-    return {"profile": profile.to_dict(), "links": GPU_LINKS, "scenarios": SCENARIOS, "rows": rows}
+    return {"profile": profile.to_dict(), "links": links, "scenarios": SCENARIOS, "rows": rows}
 
 
 def format_gpu_table(table: dict) -> str:
@@ -312,7 +312,14 @@ def main(args) -> int:
     else:
         profile = layer_flops_profile(1.0, args.image_size, **ASSUMED_GPU_STEP,
                                       source="assumed H200 step, 40,000 images/s, not measured")
-    table = gpu_table(profile)
+    links = {name: dict(link) for name, link in GPU_LINKS.items()}
+    for name, flag in (("nvlink", args.intra_node_gbs), ("infiniband", args.inter_node_gbs)):
+        if flag is not None:
+            if not (flag > 0 and math.isfinite(flag)):
+                raise ConfigError(f"--{'intra' if name == 'nvlink' else 'inter'}-node-gbs must be a positive "
+                                  f"number (got {flag})")
+            links[name].update(bandwidth=flag * 1e9, source="given on the command line")
+    table = gpu_table(profile, links)
     print(format_gpu_table(table))
     for label in SCENARIOS:
         gpus = under(table, label)

@@ -120,6 +120,11 @@ def test_the_scaling_model_prints_the_gpu_table(two_process_benchmark, tmp_path)
     table = json.loads((tmp_path / "table.json").read_text())
     assert [row["gpus"] for row in table["rows"]] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     assert all(row[label]["efficiency"] == 1.0 for label in table["scenarios"] for row in table["rows"][:1])
+    slower = run(["--inter-node-gbs", "22.5", "--json", str(tmp_path / "slower.json")], subcommand="scaling-model")
+    assert "given on the command line" in slower.stdout
+    half = json.loads((tmp_path / "slower.json").read_text())["rows"][4]["fp32 all-reduce, batch 512"]  # 16 GPUs
+    assert half["efficiency"] < table["rows"][4]["fp32 all-reduce, batch 512"]["efficiency"]
+    assert table["rows"][3] == json.loads((tmp_path / "slower.json").read_text())["rows"][3]  # 8 GPUs: NVLink
     measured = run(["--profile", str(two_process_benchmark[2])], subcommand="scaling-model")
     assert "measured on cpu, 1 process" in measured.stdout
 
@@ -132,6 +137,7 @@ def test_scaling_input_errors_are_one_line(tmp_path):
         (["--processes", "2", "--threads-per-process", "0"], "benchmark", "--threads-per-process must be >= 1"),
         (["--profile", str(tmp_path / "bad.json")], "scaling-model", "not a step profile"),
         (["--profile", str(tmp_path / "missing.json")], "scaling-model", "not a step profile"),
+        (["--inter-node-gbs", "0"], "scaling-model", "--inter-node-gbs must be a positive number (got 0.0)"),
     ]:
         result = run(args, subcommand=subcommand, check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
