@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save as save_safetensors
 
-from dist_alexnet.errors import CheckpointError
+from dist_alexnet.errors import CheckpointError, first_line
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})$")
 PNG_FILES = ("loss.png", "accuracy.png", "throughput.png", "confusion_matrix.png", "class_accuracy.png",
@@ -200,9 +200,8 @@ def load_tensors(path: Path, map_location="cpu"):
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError/EOFError for truncation
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is corrupt or holds more than plain tensors; refusing to load it "
-                              f"({first[:200]})") from None
+                              f"({first_line(err, 200)})") from None
 
 
 class IncompatibleCheckpoint(CheckpointError):

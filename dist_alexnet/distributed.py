@@ -26,7 +26,7 @@ from accelerate.utils import (DataLoaderConfiguration, DDPCommunicationHookType,
 
 from dist_alexnet.config import TrainConfig, resolve_mixed_precision
 from dist_alexnet.datasets import Split, load_data
-from dist_alexnet.errors import CheckpointError, CollectiveFailed, ConfigError, DataError, RankFailed
+from dist_alexnet.errors import CheckpointError, CollectiveFailed, ConfigError, DataError, RankFailed, first_line
 
 # Errors that say what is wrong with the user's input or files: a rank that learns of one on another rank
 # raises the same error, so that every rank prints the same one line.
@@ -86,11 +86,6 @@ COLLECTIVE_PLACES = {
     "raise_if_any_rank_failed": "waiting for the data to load",
     "finish": "the end of the run",
 }
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def is_collective_failure(error: BaseException) -> bool:

@@ -5,6 +5,13 @@ without importing torch: `dist-alexnet` catches them and prints `dist-alexnet: e
 """
 
 
+def first_line(error: BaseException, limit: int | None = 300) -> str:
+    """An exception's message reduced to what fits in our one line: its first line (at most `limit`
+    characters), or its type's name when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 class ConfigError(ValueError):
     """A bad option or environment. The message lists every problem found, one per line, each with its fix."""
 

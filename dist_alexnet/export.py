@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD, load_sample
-from dist_alexnet.errors import ConfigError, ExportError
+from dist_alexnet.errors import ConfigError, ExportError, first_line
 from dist_alexnet.inference import EXPORT_FORMAT, TrainedModel, load_trained_model
 from dist_alexnet.inputs import normalize_and_resize, resize_matrix
 from dist_alexnet.model import count_parameters
@@ -199,7 +199,7 @@ def check_onnx(serving: nn.Module, path: Path) -> dict:
     except ConfigError as err:
         raise ExportError(f"the ONNX export does not load: {err}") from None
     except Exception as err:  # ONNX Runtime's errors at run time (a graph it cannot execute)
-        raise ExportError(f"ONNX Runtime cannot run {path} ({str(err).splitlines()[0][:200]})") from None
+        raise ExportError(f"ONNX Runtime cannot run {path} ({first_line(err, 200)})") from None
     difference = float(np.abs(found - expected).max())
     agreement = float((found.argmax(1) == expected.argmax(1)).mean())
     probability_difference = float(np.abs(softmax(found) - softmax(expected)).max())
@@ -223,7 +223,7 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
         return HfApi().upload_folder(folder_path=str(folder), repo_id=repo_id,
                                      commit_message="dist-alexnet export").commit_url
     except Exception as err:  # offline, no token, no such organization, the network: huggingface_hub's own types
-        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"could not push {folder} to the Hub as {repo_id} ({type(err).__name__}: {reason}); the "
-                          f"export itself is complete: push it later with `huggingface-cli upload {repo_id} "
-                          f"{folder}` once online and logged in (`huggingface-cli login`)") from None
+        raise ConfigError(f"could not push {folder} to the Hub as {repo_id} ({type(err).__name__}: "
+                          f"{first_line(err)}); the export itself is complete: push it later with "
+                          f"`huggingface-cli upload {repo_id} {folder}` once online and logged in "
+                          f"(`huggingface-cli login`)") from None

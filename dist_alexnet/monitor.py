@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
-from dist_alexnet.errors import ConfigError
+from dist_alexnet.errors import ConfigError, first_line
 from dist_alexnet.figures import (CHANCE_ACC, CHANCE_LOSS, class_accuracy_figure, confusion_matrix_figure,
                                   misclassified_figure, to_rgb)
 from dist_alexnet.inputs import training_input
@@ -127,9 +127,8 @@ def open_trackers(accelerator, cfg, run_dir: Path, start_step: int) -> None:
         try:
             accelerator.init_trackers("dist-alexnet")
         except Exception as err:  # the trackers' own errors: a store that refuses, a bad URI, no login
-            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise ConfigError(f"--report-to {cfg.report_to}: a tracker could not start ({type(err).__name__}: "
-                              f"{detail})") from None
+                              f"{first_line(err)})") from None
 
     on_main_process(accelerator, start, "starting the trackers")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_alexnet.errors import ConfigError
+from dist_alexnet.errors import ConfigError, first_line
 
 # predict's limit: a picture of a garment needs far fewer pixels (and a 12000x12000 PNG of 140 KB takes 3.5 GB)
 MAX_PIXELS = 40_000_000
@@ -69,8 +69,7 @@ def read_image(path: Path, invert: bool = False) -> np.ndarray:
         raise ImageError(f"{path}: more than the {MAX_PIXELS / 1e6:g} megapixels predict reads ({err}); scale it "
                          f"down first; skipped") from None
     except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageError(f"{path}: cannot read it as an image ({reason}); skipped") from None
+        raise ImageError(f"{path}: cannot read it as an image ({first_line(err, None)}); skipped") from None
     if invert:
         gray = 1 - gray
     height, width = gray.shape
@@ -149,7 +148,7 @@ def onnx_session(folder: Path):
     try:
         return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # ONNX Runtime reports a damaged or foreign file as its own exception types
-        raise ConfigError(f"{path} is not a model ONNX Runtime can load ({str(err).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{path} is not a model ONNX Runtime can load ({first_line(err, 200)})") from None
 
 
 def predict_onnx(folder: Path, files: list[Path], invert: bool = False, batch_size: int = 256,
