@@ -60,10 +60,10 @@ KINDS = {  # key in the JSON -> label in the table
 }
 
 
-def training_flops(model_width: float, image_size: int) -> dict[str, int]:
-    """FLOPs of one image's training step, counted by PyTorch's FlopCounterMode over a real forward and backward
-    pass of the trainer's AlexNet (on the "meta" device: shapes only, nothing computed). Unlike "3 forward
-    passes", it leaves out what backward does not compute: the input gradient of the first convolution."""
+def count_flops(model_width: float, image_size: int):
+    """PyTorch's FlopCounterMode over one image's forward pass and over its training step (forward and backward)
+    through the trainer's AlexNet, on the "meta" device (shapes only, nothing computed): the two counters, which
+    also hold the FLOPs of each module."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -75,7 +75,26 @@ def training_flops(model_width: float, image_size: int) -> dict[str, int]:
     with step:
         F.cross_entropy(model(images), labels).backward()
     del logits
+    return forward, step
+
+
+def training_flops(model_width: float, image_size: int) -> dict[str, int]:
+    """FLOPs of one image's training step, counted by FlopCounterMode. Unlike "3 forward passes", it leaves out
+    what backward does not compute: the input gradient of the first convolution."""
+    forward, step = count_flops(model_width, image_size)
     return {"forward": forward.get_total_flops(), "training": step.get_total_flops()}
+
+
+def backward_flops_by_layer(model_width: float, image_size: int) -> dict[str, int]:
+    """FLOPs of one image's backward pass in each convolution and linear layer (by its name in the model),
+    counted by FlopCounterMode: the layer's training-step FLOPs less its forward FLOPs."""
+    forward, step = count_flops(model_width, image_size)
+    forward_counts, step_counts = forward.get_flop_counts(), step.get_flop_counts()
+    # the counters list every module with FLOPs under "AlexNet.<path>": the layers are the leaves
+    # (features.N, classifier.N), and only convolutions and linear layers count FLOPs
+    return {module[len("AlexNet."):]: sum(step_counts[module].values()) - sum(forward_counts[module].values())
+            for module in step_counts
+            if module.startswith("AlexNet.") and module.rsplit(".", 1)[-1].isdigit()}
 
 
 def peak_tflops(device: torch.device, mixed_precision: str) -> tuple[float | None, str]:

@@ -129,31 +129,17 @@ def gradient_buckets(sizes: list[tuple[str, int]], bucket_mb: float, bytes_per_e
 def layer_flops_profile(model_width: float, image_size: int, step_s: float, optimizer_s: float, batch_size: int,
                         source: str) -> StepProfile:
     """A profile from a step time alone: forward and backward (1:2) spread over the convolutions and linear
-    layers in proportion to their FLOPs, backward running from the last layer to the first (the first layer
-    computes no input gradient: half its forward's backward). For a device we cannot measure here."""
+    layers in proportion to their backward FLOPs (FlopCounterMode's, as the benchmark counts them), backward
+    running from the last layer to the first. For a device we cannot measure here."""
     import torch
-    from torch import nn
 
+    from dist_alexnet.benchmark import backward_flops_by_layer
     from dist_alexnet.model import AlexNet
 
     with torch.device("meta"):  # shapes only, nothing computed
         model = AlexNet(width=model_width)
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    macs = {}
-
-    def count(name):
-        def hook(module, inputs, output):
-            per_output = (module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-                          if isinstance(module, nn.Conv2d) else module.in_features)
-            macs[name] = output.numel() * per_output
-        return hook
-
-    hooks = [m.register_forward_hook(count(name)) for name, m in layers]
-    with torch.no_grad():
-        model(torch.zeros(1, 1, image_size, image_size, device="meta"))
-    for hook in hooks:
-        hook.remove()
-    backward_work = {name: macs[name] * (1 if i == 0 else 2) for i, (name, _) in enumerate(layers)}
+    backward_work = backward_flops_by_layer(model_width, image_size)
+    layers = [(name, model.get_submodule(name)) for name in backward_work]
     compute_s = step_s - optimizer_s
     forward_s, backward_s = compute_s / 3, compute_s * 2 / 3
     total, done, ready = sum(backward_work.values()), 0.0, {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_alexnet.benchmark import training_flops
+from dist_alexnet.benchmark import backward_flops_by_layer, training_flops
 from dist_alexnet.cli import main
 from dist_alexnet.model import AlexNet
 from tests.helpers import BIN, REPO, cpu_env, run
@@ -60,6 +60,11 @@ def test_pytorchs_flop_count_at_224_agrees_with_the_layer_shapes():
     conv1 = 55 * 55 * 96 * 121
     assert counted["training"] == 6 * expected - 2 * conv1
     assert abs(counted["training"] / (6 * expected) - 1) < 0.015
+    # per layer (the scaling model's backward timeline): the first convolution's backward is its weight gradient
+    # alone, as many FLOPs as its forward; every other layer's is twice its forward
+    layers = backward_flops_by_layer(1.0, 224)
+    assert layers["features.0"] == 2 * conv1 and layers["classifier.1"] == 2 * 2 * 9216 * 4096
+    assert sum(layers.values()) == counted["training"] - counted["forward"]
 
 
 def test_flop_count_follows_the_model_at_other_sizes():
