@@ -298,7 +298,7 @@ def worker(opts: argparse.Namespace) -> None:
     link_times = time_allreduces(accelerator)
     profile = solo_step.profile() if rank == 0 else None
     if rank == 0:
-        summary = summarize(cfg, opts, n, step_s, times, communication, timer, link_times, profile)
+        summary = summarize(cfg, opts, dev.type, n, step_s, times, communication, timer, link_times, profile)
         Path(opts.out).write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -360,15 +360,18 @@ def time_allreduces(accelerator, repeats: int = 3) -> dict[int, float]:
     return result
 
 
-def summarize(cfg, opts, n, step_s, times, communication, timer, link_times, profile) -> dict:
+def summarize(cfg, opts, device_type: str, n, step_s, times, communication, timer, link_times, profile) -> dict:
     """Rank 0's JSON object for one variant: the measured steps, the communication, the link fitted to the plain
     all-reduces, and the model's prediction for this case (with and without overlap) against the measurement."""
+    import torch.distributed as dist
+
     from dist_alexnet.scaling_model import fit_link, predict_step
 
-    link = fit_link(list(link_times), list(link_times.values()), n, f"gloo all-reduce of 1-64 MiB, {n} processes")
+    link = fit_link(list(link_times), list(link_times.values()), n,
+                    f"{dist.get_backend()} all-reduce of 1-64 MiB, {n} processes")
     wire = 4 if opts.hook == "none" else 2
     # On a CPU whose every core computes, an all-reduce in flight takes cores from backward: no free overlap.
-    overlap = profile.source.startswith("measured on cuda")
+    overlap = device_type == "cuda"
     predicted = predict_step(profile, n, link, opts.bucket_mb, wire, overlap=overlap)
     predicted_overlap = predict_step(profile, n, link, opts.bucket_mb, wire, overlap=True)
     solo_s, no_sync_s, ddp_s = step_s["solo"], step_s["no_sync"], step_s["ddp"]
