@@ -191,7 +191,8 @@ class ProfiledStep:
     the median over the recorded steps. The solo measurement's steps are these: its images/s and its profile
     come from the same steps."""
 
-    def __init__(self, model, optimizer, inputs, labels, device, autocast=contextlib.nullcontext):
+    def __init__(self, model, optimizer, inputs, labels, device, autocast=contextlib.nullcontext,
+                 gradient_times: bool = True):
         import torch
 
         self.model, self.optimizer, self.inputs, self.labels, self.autocast = model, optimizer, inputs, labels, autocast
@@ -204,8 +205,9 @@ class ProfiledStep:
             if self.recording:
                 self.marks[names[param]] = self.mark()
 
-        for p in model.parameters():
-            p.register_post_accumulate_grad_hook(note_ready)
+        if gradient_times:  # without them (a step never profiled) no hook runs in the measured steps
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(note_ready)
 
     def mark(self):
         if self.cuda:
@@ -278,7 +280,7 @@ def worker(opts: argparse.Namespace) -> None:
 
     solo_step = ProfiledStep(solo_model, solo_optimizer, inputs, labels, dev, accelerator.autocast) if rank == 0 \
         else None
-    no_sync_step = ProfiledStep(model, optimizer, inputs, labels, dev, accelerator.autocast)
+    no_sync_step = ProfiledStep(model, optimizer, inputs, labels, dev, accelerator.autocast, gradient_times=False)
 
     def solo():
         if solo_step is not None:
