@@ -15,11 +15,12 @@ best one by test accuracy is kept as well (checkpoints/best links to it).
                            training sums), the world size, the config
 
 Loading never executes code from a file: safetensors for the weights, torch.load(weights_only=True)
-for the rest.
+for the rest. write_atomically() is the same rule for the run's small files (metrics.json, trackers.json).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,6 +42,18 @@ PNG_FILES = ("loss.png", "accuracy.png", "throughput.png", "confusion_matrix.png
 TRAINER_STATE_TYPES = {"step": (int,), "epoch": (int,), "position": (int,), "best_test_acc": (float, int, type(None)),
                        "test_acc": (float, int, type(None)), "pending_train_sums": (list,), "world_size": (int,),
                        "signature": (dict,), "config": (dict,)}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A temporary file renamed over `path`: a reader sees the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:

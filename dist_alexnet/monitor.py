@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import threading
 import time
 import uuid
 from pathlib import Path
 
+from dist_alexnet.checkpoint import write_atomically
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
 from dist_alexnet.errors import ConfigError, first_line
@@ -338,10 +338,7 @@ class Monitor:
         return state
 
     def _save_tracker_state(self) -> None:
-        path = self.run_dir / TRACKER_STATE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.tracker_state) + "\n")
-        os.replace(tmp, path)
+        write_atomically(self.run_dir / TRACKER_STATE, json.dumps(self.tracker_state) + "\n")
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         from tensorboard.plugins.text.summary_v2 import text_pb

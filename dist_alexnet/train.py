@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from dist_alexnet.checkpoint import (Expected, checkpoint_step, find_resume_checkpoint, list_checkpoints,
-                                     move_old_run_aside, save_checkpoint)
+                                     move_old_run_aside, save_checkpoint, write_atomically)
 from dist_alexnet.config import TrainConfig, resume_changes, save_yaml
 from dist_alexnet.datasets import Split
 from dist_alexnet.debug_hooks import DebugHooks
@@ -452,14 +451,3 @@ def write_results(run_dir: Path, metrics: dict, report: bool = True) -> Path | s
                           f"--resume auto to write the results (it resumes from that checkpoint and only "
                           f"evaluates)") from None
 
-
-def write_atomically(path: Path, text: str) -> None:
-    """A temporary file renamed over `path`: a reader sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OSError(err.errno, err.strerror, str(path)) from None
