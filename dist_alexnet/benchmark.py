@@ -1,5 +1,9 @@
 """`dist-alexnet benchmark`: where the time goes, measured side by side in one process.
 
+  (r) reference            what torch alone offers, sharing no code with the trainer: a plain AlexNet, plain
+                           torch.optim.Adam(fused=True) (foreach where torch has no fused kernel), torch's
+                           autocast, one batch made once on the device. trainer / reference below 1 is the
+                           trainer's own cost, optimizer and set-up included
   (a) model                the training step alone (forward, backward, Adam) on one batch made once on
                            the device: the ceiling for this model on this hardware
   (b) trainer              the trainer's own step (steps.train_step, with its per-step stop check) fed by
@@ -9,7 +13,7 @@
                            in --num-workers DataLoader workers)
   (d) the two input pipelines alone: batches delivered to the device, ready for the model
 
-All five share one Accelerator, one model and one optimizer, set up by the trainer's own functions.
+(a)-(d) share one Accelerator, one model and one optimizer, set up by the trainer's own functions.
 Each first runs --warmup untimed steps (torch.compile, cuDNN autotuning, worker start-up). Then, in each
 of --windows rounds, every measurement runs --steps timed steps, one after the other, so that load from
 elsewhere on the machine falls on all of them alike; a figure is the median over its windows. On CUDA a
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 
 from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.model import AlexNet, build_model
+from dist_alexnet.optimization import optimizer_implementation
 
 NUM_IMAGES = 60_000  # the size of Fashion-MNIST's training set
 PREFETCH_FACTOR = 2  # batches each DataLoader worker prepares ahead (PyTorch's default)
@@ -52,6 +57,7 @@ PEAK_TFLOPS = {
 }
 
 KINDS = {  # key in the JSON -> label in the table
+    "reference": "(r) plain torch loop, fused Adam, no trainer code",
     "model": "(a) model step alone, batch made once on the device",
     "trainer": "(b) trainer step, device pipeline",
     "torchvision_trainer": "(c) trainer step, torchvision pipeline",
@@ -189,6 +195,7 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
             next(torchvision_batches)
 
     measurements = {
+        "reference": reference_step(cfg, dev, accelerator.mixed_precision, fixed_inputs, fixed_labels),
         "model": lambda: model_step(model, optimizer, accelerator, fixed_inputs, fixed_labels),
         "trainer": trainer(device_batches, device_cfg),
         "torchvision_trainer": trainer(torchvision_batches, torchvision_cfg),
@@ -196,6 +203,30 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
         "torchvision_pipeline": pipeline(torchvision_batches, torchvision_cfg),
     }
     return measurements, skip_prepared_batches
+
+
+def reference_step(cfg: TrainConfig, device: torch.device, mixed_precision: str, inputs: torch.Tensor,
+                   labels: torch.Tensor):
+    """(r): one step of the loop a user writes with torch alone, on a model and optimizer of its own."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    torch.manual_seed(cfg.seed)
+    model = AlexNet(width=cfg.model_width, dropout=cfg.dropout).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    fused = device.type in _get_fused_kernels_supported_devices()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused, foreach=None if fused else True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(inputs), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 def time_interleaved(measurements: dict, before_torchvision_window, device: torch.device, batch_size: int,
@@ -262,6 +293,10 @@ def benchmark_results(cfg: TrainConfig, accelerator, rates: dict, peak_bytes: di
         "torchvision_trainer_images_per_sec": speed["torchvision_trainer"],
         "device_pipeline_images_per_sec": speed["device_pipeline"],
         "torchvision_pipeline_images_per_sec": speed["torchvision_pipeline"],
+        "reference_images_per_sec": speed["reference"],
+        "optimizer_implementation": optimizer_implementation(cfg, dev),
+        "trainer_over_reference": speed["trainer"] / speed["reference"],
+        "model_over_reference": speed["model"] / speed["reference"],
         "trainer_over_model": speed["trainer"] / speed["model"],
         "torchvision_trainer_over_model": speed["torchvision_trainer"] / speed["model"],
         "pipeline_speedup": pipeline_speedup,
@@ -278,7 +313,8 @@ def benchmark_results(cfg: TrainConfig, accelerator, rates: dict, peak_bytes: di
         "mfu": speed["trainer"] * flops / 1e12 / peak if peak else None,
         "model_mfu": speed["model"] * flops / 1e12 / peak if peak else None,
         # the most memory allocated during a step, in GiB: weights, gradients and Adam state included
-        "peak_memory_gib": {name: peak_bytes[name] / 2**30 for name in ("model", "trainer", "torchvision_trainer")}
+        "peak_memory_gib": {name: peak_bytes[name] / 2**30
+                            for name in ("reference", "model", "trainer", "torchvision_trainer")}
         if cuda else None,
         "host_syncs_per_trainer_step": host_syncs / timing["steps"] if host_syncs is not None else None,
         "windows_images_per_sec": rates,
@@ -306,16 +342,18 @@ def format_table(r: dict) -> str:
         f"batch {r['batch_size']}, mixed precision {r['mixed_precision']}, compile {'on' if r['compile'] else 'off'}, "
         f"augment {'on' if r['augment'] else 'off'}, model width {r['model_width']} | median of {r['windows']} "
         f"windows x {r['steps']} steps after {r['warmup']} warm-up steps",
-        f"{'measurement':<55}{'images/s':>12}{'/ (a)':>8}{'peak GiB':>10}",
+        f"{'measurement':<55}{'images/s':>12}{'/ (r)':>8}{'peak GiB':>10}",
     ]
     memory = r["peak_memory_gib"] or {}
     for key, label in KINDS.items():
         rate = r[f"{key}_images_per_sec"]
-        ratio = f"{rate / r['model_images_per_sec']:.3f}" if key.endswith(("model", "trainer")) else ""
+        ratio = f"{rate / r['reference_images_per_sec']:.3f}" if key.endswith(("model", "trainer", "reference")) \
+            else ""
         gib = f"{memory[key]:.2f}" if key in memory else ""
         lines.append(f"{label:<55}{rate:>12,.1f}{ratio:>8}{gib:>10}")
     cores = r["pipeline_cores"]
-    lines.append(f"trainer_over_model (b/a) {r['trainer_over_model']:.3f} | torchvision_trainer_over_model (c/a) "
+    lines.append(f"trainer_over_reference (b/r) {r['trainer_over_reference']:.3f} | optimizer "
+                 f"{r['optimizer_implementation']} | trainer_over_model (b/a) {r['trainer_over_model']:.3f} | torchvision_trainer_over_model (c/a) "
                  f"{r['torchvision_trainer_over_model']:.3f} | pipeline_speedup (d device / d torchvision) "
                  f"{r['pipeline_speedup']:.2f}x, per CPU core {r['pipeline_speedup_per_core']:.2f}x "
                  f"({cores['device']} vs {cores['torchvision']})")

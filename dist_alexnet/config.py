@@ -77,6 +77,9 @@ class TrainConfig:
     min_lr: float = _opt(0.0, "learning rate at the end of a cosine or onecycle schedule")
     momentum: float | None = _opt(None, "SGD momentum (0.9 unless given; sgd only)")
     nesterov: bool = _opt(False, "Nesterov momentum (sgd only)")
+    optimizer_implementation: str = _opt("auto", "auto (fused wherever torch has a fused kernel for the device: "
+                                         "CPU and CUDA; else foreach), fused or foreach",
+                                         choices=("auto", "fused", "foreach"))
     weight_decay: float = _opt(0.0, "weight decay: L2 penalty in the gradient for adam and sgd, decoupled "
                                "for adamw")
     grad_clip: float | None = _opt(None, "clip the gradient's global L2 norm to this (train/grad_norm is the "
@@ -89,7 +92,7 @@ class TrainConfig:
     mixed_precision: str | None = _opt(None, "no, fp16 (CUDA only) or bf16; unset = the accelerate launch "
                                        "config's choice, else no", choices=("no", "fp16", "bf16"))
     seed: int = _opt(0, "seed for data order, weights and dropout")
-    # --- speed (channels_last, fused Adam and cudnn.benchmark are always on with CUDA) ---
+    # --- speed (channels_last and cudnn.benchmark are always on with CUDA) ---
     compile: bool = _opt(False, "torch.compile the model; the first steps are slow while it compiles")
     ddp_bucket_mb: int = _opt(25, "DDP gradient bucket size in MB (PyTorch's default); a layer bigger than a "
                               "bucket gets one of its own, as AlexNet's 151 and 67 MB linear layers do")

@@ -13,20 +13,31 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # the list torch's optimizers check
 
 from dist_alexnet.config import ConfigError
 
 
 def make_optimizer(cfg, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """--optimizer over all of the model's parameters, starting at `lr` (the schedule sets it every step)."""
-    options = {"lr": lr, "weight_decay": cfg.weight_decay}
-    if next(model.parameters()).device.type == "cuda" and cfg.optimizer != "sgd":
-        options["fused"] = True  # one kernel for all parameters; it also spares fp16 a host-side overflow check
+    """--optimizer over all of the model's parameters, starting at `lr` (the schedule sets it every step), in the
+    implementation optimizer_implementation() picks for their device."""
+    params = list(model.parameters())
+    options = {"lr": lr, "weight_decay": cfg.weight_decay,
+               optimizer_implementation(cfg, params[0].device): True}
     if cfg.optimizer == "sgd":
         momentum = 0.9 if cfg.momentum is None else cfg.momentum
-        return torch.optim.SGD(model.parameters(), momentum=momentum, nesterov=cfg.nesterov, **options)
+        return torch.optim.SGD(params, momentum=momentum, nesterov=cfg.nesterov, **options)
     optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(model.parameters(), **options)
+    return optimizer(params, **options)
+
+
+def optimizer_implementation(cfg, device: torch.device) -> str:
+    """"fused" (one kernel over all parameters: on a CPU 10x faster than foreach for AlexNet's 58.3M, and on CUDA
+    it spares fp16 a host-side overflow check) wherever torch has it for the device, else "foreach";
+    --optimizer-implementation forces one."""
+    if cfg.optimizer_implementation != "auto":
+        return cfg.optimizer_implementation
+    return "fused" if torch.device(device).type in _get_fused_kernels_supported_devices() else "foreach"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from dist_alexnet.errors import ConfigError, TrainingDiverged
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
 from dist_alexnet.model import build_model
 from dist_alexnet.monitor import make_monitor, open_trackers, wait_to_sort_after_earlier_events
-from dist_alexnet.optimization import LRSchedule, WeightEMA, make_optimizer, set_learning_rate
+from dist_alexnet.optimization import (LRSchedule, WeightEMA, make_optimizer, optimizer_implementation,
+                                       set_learning_rate)
 from dist_alexnet.preemption import PreemptionFlag, requeue_slurm_job, should_requeue
 from dist_alexnet.profiling import NoProfiler, StepProfiler
 from dist_alexnet.progress import Progress
@@ -259,7 +260,8 @@ def describe_optimization(run: Run) -> str:
     extras = [f"{name} {value:g}" for name, value in (
         ("weight decay", cfg.weight_decay), ("grad clip", cfg.grad_clip or 0), ("label smoothing", cfg.label_smoothing),
         ("EMA decay", cfg.ema_decay or 0)) if value]
-    return (f"optimizer {cfg.optimizer}, learning rate {run.lr:g}{scaled}, {lr.kind} schedule over {lr.total_steps} "
+    implementation = optimizer_implementation(cfg, run.accelerator.device)
+    return (f"optimizer {cfg.optimizer} ({implementation}), learning rate {run.lr:g}{scaled}, {lr.kind} schedule over {lr.total_steps} "
             f"steps with {lr.warmup_steps} warmup steps{f' to {lr.min_lr:g}' if lr.kind != 'constant' else ''}"
             f"{', ' + ', '.join(extras) if extras else ''}, dropout {cfg.dropout:g}")
 
