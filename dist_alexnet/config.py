@@ -48,6 +48,9 @@ class TrainConfig:
     augment: bool = _opt(False, "random crop (2-pixel zero padding) and horizontal flip of the training "
                          "images, as batch ops on the device; each sample's choice is fixed by (seed, epoch, "
                          "sample index); device pipeline only")
+    random_erasing: float = _opt(0.0, "probability per training image of erasing a random rectangle (torchvision's "
+                                 "RandomErasing: 2-33%% of the area, aspect ratio 0.3-3.3) to 0 after normalization, "
+                                 "the mean pixel; fixed by (seed, epoch, sample index) like --augment")
     # --- model ---
     model_width: float = _opt(1.0, "fraction of AlexNet's channel and hidden widths; 1.0 is the real "
                               "58,299,082-parameter model, smaller values make quick test models")
@@ -167,6 +170,7 @@ class TrainConfig:
         need(self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 so a previous checkpoint survives "
                                          f"while a new one is written (got {self.keep_checkpoints})")
         need(self.ddp_bucket_mb >= 1, f"--ddp-bucket-mb must be >= 1 (got {self.ddp_bucket_mb})")
+        need(0 <= self.random_erasing <= 1, f"--random-erasing must be a probability in [0, 1] (got {self.random_erasing})")
         need(not (self.augment and self.pipeline != "device"),
              "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")
         need(self.resume in ("auto", "none") or bool(self.resume),

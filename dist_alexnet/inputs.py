@@ -12,11 +12,17 @@ random generator, so there is no generator state to save or to keep in step acro
 is augmented the same way whichever process and batch it lands in (results do not depend on the world
 size), and a run resumed mid-epoch applies exactly the augmentations the uninterrupted run would have.
 It runs on the 28x28 uint8 images, before the resize: 64 times fewer pixels than at 224.
+
+Random erasing (--random-erasing P, torchvision's RandomErasing) is hashed the same way, from a stream of its
+own. It runs after the resize and the normalization, on the model's input, as torchvision's is used (after
+Normalize): the rectangle's area is a fraction of the image the model sees and its value is 0 there, the
+training set's mean pixel.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -178,11 +184,14 @@ def resize_matrix(size_in: int, size_out: int, device: torch.device | str = "cpu
 def training_input(batch, cfg, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch from the loader -> (model input, labels), on the batch's device: with
     cfg.augment, crop_flip on the uint8 images (per-sample choices fixed by seed, epoch and sample
-    index), then to_model_input."""
+    index), then to_model_input, then with cfg.random_erasing, random_erase on the model input."""
     images, labels, indices = batch
     if cfg.augment:
         images = crop_flip(images, indices, cfg.seed, epoch)
-    return to_model_input(images, cfg.image_size), labels
+    inputs = to_model_input(images, cfg.image_size)
+    if cfg.random_erasing > 0:
+        inputs = random_erase(inputs, indices, cfg.seed, epoch, cfg.random_erasing)
+    return inputs, labels
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -222,3 +231,51 @@ def crop_flip(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int
     padded = F.pad(images, (pad, pad, pad, pad))  # zeros: Fashion-MNIST's background is black
     batch = torch.arange(len(images), device=images.device)[:, None, None]
     return padded[batch, rows[:, :, None] + pad, cols[:, None, :] + pad]
+
+
+# torchvision.transforms.RandomErasing's defaults: the rectangle's area as a fraction of the image, its aspect
+# ratio (height / width, drawn log-uniformly), and the attempts at a rectangle that fits before giving up.
+ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
+_ERASE_STREAM = 0x45524153  # keeps the erasing draws apart from crop_flip's bits of the same sample hash
+
+
+def sample_uniforms(seed: int, epoch: int, indices: torch.Tensor, count: int, stream: int) -> torch.Tensor:
+    """[B, count] float64 in [0, 1), fixed by (seed, epoch, index, stream): `count` independent-looking draws
+    per sample, none of them shared with another stream."""
+    keys = _mix(torch.arange(count, device=indices.device) + _mix(stream))  # [count]
+    return _mix(sample_hashes(seed, epoch, indices)[:, None] ^ keys).double() / 2**32
+
+
+def erase_boxes(size: int, indices: torch.Tensor, seed: int, epoch: int, p: float) -> tuple[torch.Tensor, ...]:
+    """torchvision's RandomErasing choice for each sample of a size x size image: (erased, top, left, height,
+    width), each [B]. With probability p a sample is erased; up to ten times an area fraction is drawn
+    uniformly from ERASE_SCALE and an aspect ratio log-uniformly from ERASE_RATIO, the sides rounded, and the
+    first rectangle smaller than the image in both sides is placed uniformly inside it; a sample none of whose
+    ten fits is left alone (as torchvision does)."""
+    u = sample_uniforms(seed, epoch, indices, 1 + 4 * ERASE_ATTEMPTS, _ERASE_STREAM)
+    chosen = u[:, 0] < p
+    area_u, ratio_u, top_u, left_u = u[:, 1:].reshape(-1, ERASE_ATTEMPTS, 4).unbind(-1)  # [B, attempts] each
+    area = size * size * (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * area_u)
+    low, high = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    aspect = torch.exp(low + (high - low) * ratio_u)
+    height = torch.sqrt(area * aspect).round().long()
+    width = torch.sqrt(area / aspect).round().long()
+    fits = (height < size) & (width < size)
+    first = fits.long().argmax(dim=1, keepdim=True)  # the first attempt that fits (0 when none does)
+    height, width = height.gather(1, first)[:, 0], width.gather(1, first)[:, 0]
+    top = (top_u.gather(1, first)[:, 0] * (size - height + 1)).floor().long()
+    left = (left_u.gather(1, first)[:, 0] * (size - width + 1)).floor().long()
+    return chosen & fits.any(dim=1), top, left, height, width
+
+
+def random_erase(inputs: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, p: float) -> torch.Tensor:
+    """Model input [B, C, S, S] -> the same with erase_boxes' rectangle of each erased sample set to 0 (the mean
+    pixel after normalization: torchvision's default value=0 where it follows Normalize). One mask, one where."""
+    size = inputs.shape[-1]
+    erased, top, left, height, width = (t.to(inputs.device) for t in
+                                        erase_boxes(size, indices.to(inputs.device), seed, epoch, p))
+    position = torch.arange(size, device=inputs.device)
+    rows = (position >= top[:, None]) & (position < (top + height)[:, None])  # [B, S]
+    cols = (position >= left[:, None]) & (position < (left + width)[:, None])
+    mask = erased[:, None, None] & rows[:, :, None] & cols[:, None, :]  # [B, S, S]
+    return inputs.masked_fill(mask[:, None], 0.0)
