@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(run=run_train)
 
+    lr_find = commands.add_parser("lr-find", parents=[debug],
+                                  help="the learning-rate range test: the loss over an exponentially rising learning "
+                                       "rate, a suggested --lr, a plot (run under `accelerate launch` like train)")
+    add_lr_find_arguments(lr_find)
+    lr_find.set_defaults(run=run_lr_find)
+
     bench = commands.add_parser("benchmark", parents=[debug],
                                 help="measure the model step, the trainer step with each input "
                                 "pipeline and the pipelines alone, side by side (images/s, MFU)")
@@ -108,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = model_command(commands, debug, "export", run_export,
                            "a Hugging Face-style folder (config.json, model.safetensors, README.md model card), "
                            "optionally with an ONNX graph checked against PyTorch")
-    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (never anything else: a run directory, a checkpoint "
+                             "or other files are refused)")
     export.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                         help="onnx: also model.onnx (uint8 images in, preprocessing in the graph), checked against "
                              "PyTorch on real test images; needs the [onnx] extra (default: safetensors)")
@@ -116,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="then upload the folder to this Hugging Face model repository (needs a network and "
                              "`huggingface-cli login`)")
 
-    report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")
+    report = commands.add_parser("report", parents=[debug], help="rebuild RUN_DIR/report.md and its figures from the run's event files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
     report.set_defaults(run=run_report)
     return parser
@@ -128,6 +137,37 @@ def model_command(commands, debug: argparse.ArgumentParser, name: str, run, help
     parser.add_argument("--checkpoint", required=True, help=MODEL_HELP)
     parser.set_defaults(run=run)
     return parser
+
+
+def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
+    from dist_alexnet.lr_find import LR_FIND_OPTIONS, Sweep
+
+    parser.add_argument("--config", help="YAML file of train options (command-line flags override it); those lr-find "
+                                         "has no use for (the schedule, the epochs, checkpoints) are ignored")
+    add_arguments(parser, only=LR_FIND_OPTIONS)
+    parser.add_argument("--start-lr", type=float, default=Sweep.start_lr, help="(default: %(default)g)")
+    parser.add_argument("--end-lr", type=float, default=Sweep.end_lr, help="(default: %(default)g)")
+    parser.add_argument("--num-steps", type=int, default=Sweep.num_steps,
+                        help="optimizer steps of the sweep, fewer when the loss diverges first (default: %(default)s)")
+    parser.add_argument("--smoothing", type=float, default=Sweep.smoothing,
+                        help="beta of the loss's exponential moving average (default: %(default)g)")
+    parser.add_argument("--diverge-factor", type=float, default=Sweep.diverge_factor,
+                        help="stop once the smoothed loss exceeds this times its best (default: %(default)g)")
+    parser.add_argument("--json", metavar="PATH", help="also write the result (suggested_lr, the curve) here")
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    from dist_alexnet.lr_find import Sweep
+
+    cfg = config_from_args(args)
+    sweep = Sweep(args.start_lr, args.end_lr, args.num_steps, args.smoothing, args.diverge_factor).validate()
+    from dist_alexnet.lr_find import lr_find  # after the checks: the run imports torch and accelerate
+
+    try:
+        lr_find(cfg, sweep, args.json)
+    finally:
+        gc.collect()  # as after training: free the process group's threads before interpreter shutdown
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -204,7 +244,7 @@ def run_export(args: argparse.Namespace) -> int:
     from dist_alexnet.export import export_model, push_to_hub
 
     folder = export_model(args.checkpoint, args.out, onnx=args.format == "onnx",
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(f"exported: {folder}")
     if args.push_to_hub:
         print(f"pushed: {push_to_hub(folder, args.push_to_hub)}")
@@ -212,9 +252,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from dist_alexnet.errors import ReportError
     from dist_alexnet.report import write_report
 
-    print(write_report(args.run_dir))
+    try:
+        print(write_report(args.run_dir))
+    except OSError as err:
+        raise ReportError(f"cannot write the report into {args.run_dir}: {err.filename or args.run_dir} "
+                          f"({err.strerror or err}); make the run directory writable, or copy it somewhere "
+                          f"writable and run `dist-alexnet report` on the copy") from None
     return 0
 
 

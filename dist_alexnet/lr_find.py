@@ -1,0 +1,270 @@
+"""`dist-alexnet lr-find`: the learning-rate range test (Smith 2015, "Cyclical Learning Rates"; Lightning's Tuner).
+
+From freshly initialized weights, train with a learning rate that rises exponentially from --start-lr to
+--end-lr over --num-steps optimizer steps, on the run's data, model, batch, optimizer and world size (it runs
+under `accelerate launch` like train), and record the loss of every step, averaged over the processes. The
+curve is smoothed by an exponential moving average (loss_avg = beta * loss_avg + (1 - beta) * loss, bias
+corrected as fastai and Lightning do; beta is --smoothing). The test stops early once the smoothed loss exceeds
+--diverge-factor times its best value, or a loss is not finite.
+
+The suggestion: the learning rate at the minimum of the smoothed loss, divided by 10 (fastai's "minimum / 10").
+It is one argmin of a smoothed curve, so the noise of small batches barely moves it, where the steepest descent
+(Lightning's rule, reported as well) is the argmin of a derivative of that noise; and it sits a decade below
+where the loss stops falling, in the part of the curve where it falls fast, not at the edge of instability.
+
+Its own small loop, not the trainer's: no schedule, no evaluation, no checkpoints. It writes only into its own
+--output-dir (lr_find.json, lr_find.png, tensorboard/) and refuses a directory that holds a run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from dist_alexnet.config import TrainConfig
+from dist_alexnet.errors import ConfigError
+
+# The train options lr-find takes (with --config): what chooses the data, the model, the batch, the optimizer
+# and the processes' set-up. --lr, the schedule, the evaluation and the checkpoints have no meaning here;
+# --lr-scaling and --lr-reference-batch only turn the suggestion into the --lr to give train with them;
+# --log-every: steps between progress lines.
+LR_FIND_OPTIONS = (
+    "dataset", "data_dir", "download", "limit_train", "synthetic_train_size", "synthetic_test_size", "pipeline",
+    "num_workers", "image_size", "augment", "random_erasing", "model_width", "dropout", "batch_size",
+    "global_batch_size", "grad_accum", "optimizer", "momentum", "nesterov", "optimizer_implementation",
+    "weight_decay", "grad_clip", "label_smoothing", "mixed_precision", "seed", "compile", "ddp_bucket_mb",
+    "ddp_gradient_as_bucket_view", "ddp_comm_hook", "collective_timeout", "lr_scaling", "lr_reference_batch",
+    "output_dir", "log_every",
+)
+SKIP_START = 10  # the first steps' losses say more about the initialization than about the learning rate
+
+
+@dataclass(frozen=True)
+class Sweep:
+    start_lr: float = 1e-6
+    end_lr: float = 1.0
+    num_steps: int = 300
+    smoothing: float = 0.9  # beta of the moving average: about 1 / (1 - beta) = 10 steps of memory
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this times its best (Lightning's 4)
+
+    def validate(self) -> Sweep:
+        problems = []
+        if not (0 < self.start_lr < self.end_lr and math.isfinite(self.end_lr)):
+            problems.append(f"--start-lr and --end-lr must be positive with --start-lr below --end-lr "
+                            f"(got {self.start_lr:g} and {self.end_lr:g})")
+        if self.num_steps < 2 * SKIP_START:
+            problems.append(f"--num-steps must be >= {2 * SKIP_START} (got {self.num_steps}); a few hundred is usual")
+        if not 0 <= self.smoothing < 1:
+            problems.append(f"--smoothing must be in [0, 1) (got {self.smoothing:g})")
+        if not self.diverge_factor > 1:
+            problems.append(f"--diverge-factor must be above 1 (got {self.diverge_factor:g})")
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return self
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): exponential from start_lr to end_lr."""
+        return self.start_lr * (self.end_lr / self.start_lr) ** (step / (self.num_steps - 1))
+
+
+def smooth(losses: list[float], beta: float) -> list[float]:
+    """The bias-corrected exponential moving average of `losses`."""
+    average, smoothed = 0.0, []
+    for i, loss in enumerate(losses, start=1):
+        average = beta * average + (1 - beta) * loss
+        smoothed.append(average / (1 - beta**i))
+    return smoothed
+
+
+def suggest(lrs: list[float], smoothed: list[float], sweep: Sweep) -> dict:
+    """The suggested learning rate (the smoothed loss's minimum / 10, within the swept range), the steepest
+    descent's learning rate, and a note when the curve does not support a suggestion well."""
+    skip = min(SKIP_START, len(lrs) - 1)
+    best = min(range(skip, len(lrs)), key=lambda i: smoothed[i])
+    # steepest descent of the smoothed loss over log(lr), before the minimum (after it the loss rises)
+    slopes = [(smoothed[i + 1] - smoothed[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1]) for i in range(skip, best)]
+    steepest = lrs[skip + min(range(len(slopes)), key=slopes.__getitem__)] if slopes else lrs[best]
+    suggested, note = lrs[best] / 10, None
+    if suggested < sweep.start_lr:
+        suggested = sweep.start_lr
+        note = "the loss was lowest within a decade of --start-lr: lower --start-lr and run again"
+    elif best == len(lrs) - 1 and len(lrs) == sweep.num_steps:
+        note = "the loss was still falling at --end-lr: raise --end-lr and run again"
+    elif smoothed[best] > 0.98 * smoothed[skip]:
+        note = "the smoothed loss hardly fell during the sweep: more --num-steps or a wider range may show more"
+    return {"suggested_lr": suggested, "min_loss_lr": lrs[best], "min_smoothed_loss": smoothed[best],
+            "steepest_lr": steepest, "note": note}
+
+
+def lr_find(cfg: TrainConfig, sweep: Sweep, json_path: str | None = None) -> dict:
+    """Run the range test; every rank returns the result (rank 0 wrote the files)."""
+    from accelerate.utils import set_seed
+
+    from dist_alexnet.distributed import check_output_dir, load_data_on_every_rank, make_accelerator, on_main_process
+    from dist_alexnet.inputs import make_loader
+    from dist_alexnet.model import build_model
+    from dist_alexnet.optimization import make_optimizer
+
+    sweep.validate()
+    accelerator = make_accelerator(cfg)
+    world = accelerator.num_processes
+    out = Path(on_main_process(accelerator, lambda: cfg.output_dir or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}",
+                               "naming the output directory"))
+    on_main_process(accelerator, lambda: refuse_run_directory(out), "checking the output directory")
+    lock = check_output_dir(out, accelerator)
+    try:
+        train_split, _ = load_data_on_every_rank(cfg, accelerator)
+        batch_size = cfg.per_process_batch(world)
+        global_batch = cfg.global_batch(world)
+        if len(train_split) < global_batch:
+            raise ConfigError(f"one optimizer step's {global_batch} samples are more than the {len(train_split)} "
+                              f"training samples; lower --batch-size or --global-batch-size")
+        loader, order = make_loader(train_split, cfg, train=True, batch_size=batch_size, world_size=world)
+        set_seed(cfg.seed)  # the same initial weights on every rank
+        model = build_model(cfg, accelerator.device)
+        optimizer = make_optimizer(cfg, model, sweep.start_lr)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        set_seed(cfg.seed, device_specific=True)  # a dropout stream per rank, as in training
+        if accelerator.is_main_process:
+            print(f"lr-find: {world} process(es), global batch {global_batch}, {cfg.optimizer}, lr {sweep.start_lr:g} "
+                  f"to {sweep.end_lr:g} over {sweep.num_steps} steps, output {out}", flush=True)
+        started = time.perf_counter()
+        lrs, losses, stop = sweep_losses(model, optimizer, accelerator, loader, order, cfg, sweep)
+        seconds = time.perf_counter() - started
+        if len(lrs) < 2 * SKIP_START:
+            raise ConfigError(f"the loss diverged after {len(lrs)} steps, at lr {sweep.lr(len(lrs)):g}: lower "
+                              f"--start-lr")
+        smoothed = smooth(losses, sweep.smoothing)
+        result = {**suggest(lrs, smoothed, sweep), "stopped": stop, "steps": len(lrs), "seconds": round(seconds, 1),
+                  "world_size": world, "global_batch": global_batch, "optimizer": cfg.optimizer,
+                  "sweep": dataclasses.asdict(sweep), "plot": str(out / "lr_find.png"),
+                  "lrs": lrs, "losses": losses, "smoothed_losses": smoothed}
+        # the --lr that gives train the suggested learning rate at this global batch under the config's --lr-scaling
+        result["suggested_lr_option"] = result["suggested_lr"] * cfg.lr / cfg.effective_lr(world)
+        result["config"] = {name: getattr(cfg, name) for name in LR_FIND_OPTIONS}
+        on_main_process(accelerator, lambda: write_outputs(out, result, json_path), "writing the lr-find results")
+    finally:
+        if lock is not None:
+            lock.release()
+    if accelerator.is_main_process:
+        print(describe(result, out, cfg), flush=True)
+    return result
+
+
+def sweep_losses(model, optimizer, accelerator, loader, order, cfg: TrainConfig,
+                 sweep: Sweep) -> tuple[list[float], list[float], str]:
+    """Train at sweep.lr(step) for each optimizer step; the loss of each step averaged over micro-batches and
+    ranks (every rank gets the same figures, so every rank stops at the same step). Returns the learning rates,
+    the losses and why it stopped."""
+    import torch
+    import torch.nn.functional as F
+
+    from dist_alexnet.inputs import training_input
+    from dist_alexnet.optimization import set_learning_rate
+
+    lrs, losses, best, epoch = [], [], math.inf, 0
+    beta, average = sweep.smoothing, 0.0
+    model.train()
+    while True:
+        order.set_position(epoch)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for batch in loader:
+            step = len(lrs)
+            set_learning_rate(optimizer, sweep.lr(step))
+            inputs, labels = training_input(batch, cfg, epoch)
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(model(inputs), labels, label_smoothing=cfg.label_smoothing)
+                accelerator.backward(loss)
+                step_loss += loss.detach().float() / cfg.grad_accum
+                if accelerator.sync_gradients and cfg.grad_clip is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            value = accelerator.reduce(step_loss, reduction="mean").item()
+            step_loss = torch.zeros((), device=accelerator.device)
+            if not math.isfinite(value):
+                return lrs, losses, f"the loss was not finite at lr {sweep.lr(step):g}"
+            lrs.append(sweep.lr(step))
+            losses.append(value)
+            average = beta * average + (1 - beta) * value
+            smoothed = average / (1 - beta ** len(losses))
+            best = min(best, smoothed)
+            if accelerator.is_main_process and len(lrs) % cfg.log_every == 0:
+                print(f"step {len(lrs)}/{sweep.num_steps} | lr {lrs[-1]:.3g} | loss {value:.4f} | smoothed "
+                      f"{smoothed:.4f}", flush=True)
+            if smoothed > sweep.diverge_factor * best:
+                return lrs, losses, f"diverged: the smoothed loss exceeded {sweep.diverge_factor:g}x its best"
+            if len(lrs) == sweep.num_steps:
+                return lrs, losses, "completed"
+        epoch += 1
+
+
+def refuse_run_directory(out: Path) -> None:
+    """lr-find writes only its own files: a training run's directory (it has checkpoints) is refused."""
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise ConfigError(f"{out} holds a training run's checkpoints; lr-find leaves them alone and writes its own "
+                          f"results: choose another --output-dir (e.g. {out}/lr-find)")
+
+
+def write_outputs(out: Path, result: dict, json_path: str | None) -> None:
+    """lr_find.json, lr_find.png and TensorBoard scalars (lr_find/loss, lr_find/smoothed_loss, lr_find/lr over
+    the step; lr_find/suggested_lr once) in `out`; the JSON also at json_path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    (out / "lr_find.json").write_text(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text)
+
+    with SummaryWriter(str(out / "tensorboard")) as writer:
+        for step, (lr, loss, smoothed) in enumerate(zip(result["lrs"], result["losses"], result["smoothed_losses"])):
+            writer.add_scalar("lr_find/loss", loss, step)
+            writer.add_scalar("lr_find/smoothed_loss", smoothed, step)
+            writer.add_scalar("lr_find/lr", lr, step)
+        writer.add_scalar("lr_find/suggested_lr", result["suggested_lr"], len(result["lrs"]) - 1)
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.semilogx(result["lrs"], result["losses"], color="0.75", linewidth=0.8, label="loss per step")
+    axes.semilogx(result["lrs"], result["smoothed_losses"], color="C0",
+                  label=f"smoothed (moving average, beta {result['sweep']['smoothing']:g})")
+    axes.axvline(result["min_loss_lr"], color="C3", linestyle=":", label=f"minimum at {result['min_loss_lr']:.3g}")
+    axes.axvline(result["suggested_lr"], color="C2", linestyle="--",
+                 label=f"suggested {result['suggested_lr']:.3g} (minimum / 10)")
+    # from the lowest loss to a little above the start: the diverging end would squash the rest of the curve
+    axes.set_ylim(0.95 * min(result["losses"]), 1.25 * max(result["smoothed_losses"][:SKIP_START + 1]))
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.set_title(f"LR range test: {result['optimizer']}, global batch {result['global_batch']}, "
+                   f"{result['world_size']} process(es)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "lr_find.png", dpi=110)
+    plt.close(figure)
+
+
+def describe(result: dict, out: Path, cfg: TrainConfig) -> str:
+    lines = [f"lr-find: {result['steps']} steps in {result['seconds']:g} s ({result['stopped']})",
+             f"suggested lr {result['suggested_lr']:.3g} at global batch {result['global_batch']} (the smoothed loss's "
+             f"minimum {result['min_smoothed_loss']:.3f} at lr {result['min_loss_lr']:.3g}, divided by 10; steepest "
+             f"descent at {result['steepest_lr']:.3g})"]
+    if cfg.lr_scaling != "none":
+        lines.append(f"with --lr-scaling {cfg.lr_scaling} from batch {cfg.lr_reference_batch}: train "
+                     f"--lr {result['suggested_lr_option']:.3g}")
+    if result["note"]:
+        lines.append(f"note: {result['note']}")
+    lines.append(f"plot: {result['plot']}  json: {out / 'lr_find.json'}  tensorboard: {out / 'tensorboard'}")
+    return "\n".join(lines)
