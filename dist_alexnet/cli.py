@@ -114,10 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = model_command(commands, debug, "export", run_export,
                            "a Hugging Face-style folder (config.json, model.safetensors, README.md model card), "
                            "optionally with an ONNX graph checked against PyTorch")
-    export.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    export.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier export in --out (never anything else: a run directory, a checkpoint "
-                             "or other files are refused)")
+    export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                         help="onnx: also model.onnx (uint8 images in, preprocessing in the graph), checked against "
                              "PyTorch on real test images; needs the [onnx] extra (default: safetensors)")
@@ -125,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="then upload the folder to this Hugging Face model repository (needs a network and "
                              "`huggingface-cli login`)")
 
-    report = commands.add_parser("report", parents=[debug], help="rebuild RUN_DIR/report.md and its figures from the run's event files")
+    report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
     report.set_defaults(run=run_report)
     return parser
@@ -244,7 +241,7 @@ def run_export(args: argparse.Namespace) -> int:
     from dist_alexnet.export import export_model, push_to_hub
 
     folder = export_model(args.checkpoint, args.out, onnx=args.format == "onnx",
-                          log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
+                          log=lambda m: print(m, file=sys.stderr))
     print(f"exported: {folder}")
     if args.push_to_hub:
         print(f"pushed: {push_to_hub(folder, args.push_to_hub)}")
@@ -252,15 +249,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from dist_alexnet.errors import ReportError
     from dist_alexnet.report import write_report
 
-    try:
-        print(write_report(args.run_dir))
-    except OSError as err:
-        raise ReportError(f"cannot write the report into {args.run_dir}: {err.filename or args.run_dir} "
-                          f"({err.strerror or err}); make the run directory writable, or copy it somewhere "
-                          f"writable and run `dist-alexnet report` on the copy") from None
+    print(write_report(args.run_dir))
     return 0
 
 
