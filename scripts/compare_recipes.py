@@ -10,6 +10,11 @@ full set on a GPU machine, or another real subset).
     python scripts/compare_recipes.py                                   # 6 epochs at 64 px, batch 64, seed 0
     python scripts/compare_recipes.py --seeds 0 1 2                     # the mean of three seeds, and each
     python scripts/compare_recipes.py --data-dir data --epochs 10 --image-size 224 --batch-size 128 --json c.json
+    python scripts/compare_recipes.py --preset launch/configs/long.yaml --data-dir data --epochs 20 --image-size 224 \
+        --batch-size 512                                                # the long preset, on a GPU machine
+
+A preset that sets global_batch_size (long.yaml) gets --batch-size as its global batch, and so does the reference
+(on one process the two are the same); train refuses both options at once.
 """
 
 from __future__ import annotations
@@ -33,11 +38,19 @@ def test_accuracy_per_epoch(run_dir: Path) -> list[float]:
     return [acc for _, acc in read_events(run_dir / "tensorboard").scalars["test/acc"]]
 
 
+def batch_flag(preset: str) -> str:
+    """--global-batch-size for a preset that sets global_batch_size, else --batch-size (train takes one of the two)."""
+    import yaml
+
+    values = yaml.safe_load(Path(preset).read_text()) or {}
+    return "--global-batch-size" if "global_batch_size" in values else "--batch-size"
+
+
 def train(options: list[str], run_dir: Path, args: argparse.Namespace, seed: int) -> list[float]:
     data = (["--dataset", "fashion-mnist", "--no-download", "--data-dir", args.data_dir] if args.data_dir
             else ["--dataset", "fashion-mnist-sample"])
     command = [sys.executable, "-m", "dist_alexnet.cli", "train", *options, *data, "--epochs", str(args.epochs),
-               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--seed", str(seed),
+               "--image-size", str(args.image_size), batch_flag(args.preset), str(args.batch_size), "--seed", str(seed),
                "--no-log-figures", "--log-every", "1000", "--output-dir", str(run_dir)]
     print("$ " + " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -49,7 +62,7 @@ def main() -> None:
     parser.add_argument("--preset", default=str(DEFAULT_PRESET), help="the preset's YAML file (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64, help="per process, for both recipes (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process, for both recipes (one process: the global batch; default: 64)")
     parser.add_argument("--data-dir", help="Fashion-MNIST files in the torchvision layout (default: the shipped "
                                            "sample)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],

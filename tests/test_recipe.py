@@ -59,6 +59,37 @@ def test_a_short_run_on_the_real_sample_learns_well_above_chance(tmp_path):
     assert m["test_acc"] > 0.5, m["test_acc"]  # chance is 0.1
 
 
+# ----------------------------------------------------------------------------- the presets
+
+def test_every_preset_is_a_valid_train_config():
+    from dist_alexnet.config import load_yaml
+
+    presets = sorted((REPO / "launch" / "configs").glob("*.yaml"))
+    assert {path.name for path in presets} >= {"accurate.yaml", "fast.yaml", "long.yaml"}
+    for path in presets:
+        TrainConfig(**load_yaml(path)).validate()
+
+
+def test_compare_recipes_gives_a_global_batch_preset_its_global_batch():
+    """compare_recipes passes --batch-size as --global-batch-size to long.yaml (train refuses both at once), and
+    what it builds is a valid run whose learning rate the preset's sqrt scaling sets."""
+    import importlib.util
+
+    from dist_alexnet.cli import build_parser
+    from dist_alexnet.config import config_from_args
+
+    spec = importlib.util.spec_from_file_location("compare_recipes", REPO / "scripts" / "compare_recipes.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    long, accurate = str(REPO / "launch" / "configs" / "long.yaml"), str(REPO / "launch" / "configs" / "accurate.yaml")
+    assert compare.batch_flag(long) == "--global-batch-size" and compare.batch_flag(accurate) == "--batch-size"
+    args = build_parser().parse_args(["train", "--config", long, "--dataset", "fashion-mnist-sample", "--epochs", "6",
+                                      "--image-size", "64", compare.batch_flag(long), "64"])
+    cfg = config_from_args(args)
+    assert (cfg.global_batch(1), cfg.lr_schedule, cfg.random_erasing, cfg.augment) == (64, "onecycle", 0.2, True)
+    assert cfg.effective_lr(1) == pytest.approx(1.4e-3 * math.sqrt(64 / 128))
+
+
 # ----------------------------------------------------------------------------- learning-rate schedules
 
 def test_the_learning_rate_in_tensorboard_follows_warmup_then_cosine(tmp_path, data_dir):
