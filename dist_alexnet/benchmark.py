@@ -6,7 +6,7 @@
                            trainer's own cost, optimizer and set-up included
   (a) model                the training step alone (forward, backward, Adam) on one batch made once on
                            the device: the ceiling for this model on this hardware
-  (b) trainer              the trainer's own step (steps.train_step, with its per-step stop check) fed by
+  (b) trainer              the trainer's own step (steps.TrainStep, with its per-step stop check) fed by
                            the trainer's loader with the device pipeline: uint8 batches, resize /
                            normalize (/ augment) on the device
   (c) torchvision_trainer  the same step fed by the tutorial's pipeline (PIL Resize + ToTensor per image
@@ -155,7 +155,8 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
     from dist_alexnet.inputs import make_loader, to_model_input, training_input
     from dist_alexnet.optimization import make_optimizer
     from dist_alexnet.stats import StepStats
-    from dist_alexnet.steps import train_step
+    from dist_alexnet.parallel import DataParallel
+    from dist_alexnet.steps import TrainStep
 
     dev = accelerator.device
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -175,7 +176,7 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
     torchvision_batches = endless(torchvision_loader, torchvision_order)
     fixed_inputs = to_model_input(split.images[:cfg.batch_size].to(dev), cfg.image_size)
     fixed_labels = split.labels[:cfg.batch_size].to(dev)
-    stats = StepStats(accelerator)
+    train_step = TrainStep(model, optimizer, accelerator, DataParallel(accelerator), StepStats(accelerator))
 
     def pipeline(batches, step_cfg):
         def step():
@@ -187,7 +188,7 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
         def step():
             epoch, batch = next(batches)
             inputs, labels = training_input(batch, step_cfg, epoch)
-            train_step(model, optimizer, accelerator, inputs, labels, stats)
+            train_step(inputs, labels)
         return step
 
     def skip_prepared_batches():

@@ -230,9 +230,12 @@ class Expected:
     optimizer_groups: list[list[tuple]]
 
     @classmethod
-    def of(cls, signature: dict, model, optimizer) -> Expected:
-        return cls(signature, {name: tuple(t.shape) for name, t in model.state_dict().items()},
-                   [[tuple(p.shape) for p in group["params"]] for group in optimizer.param_groups])
+    def of(cls, signature: dict, model, optimizer, full_shape=lambda name, shape: tuple(shape)) -> Expected:
+        """`full_shape(name, shape)`: a tensor's shape in the checkpoint, from its (under --parallelism hybrid:
+        its shard's) shape in `model`."""
+        names = {id(p): name for name, p in model.named_parameters()}
+        return cls(signature, {name: full_shape(name, t.shape) for name, t in model.state_dict().items()},
+                   [[full_shape(names.get(id(p)), p.shape) for p in group["params"]] for group in optimizer.param_groups])
 
 
 def load_checkpoint(checkpoint: Path, expected: Expected | None = None) -> dict:

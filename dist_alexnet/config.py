@@ -104,6 +104,13 @@ class TrainConfig:
     ddp_comm_hook: str = _opt("none", "compress gradients to bf16 or fp16 for the all-reduce (half the bytes "
                               "sent, then back to fp32); none sends fp32", choices=("none", "bf16", "fp16"))
     # --- run directory, checkpoints, logging ---
+    parallelism: str = _opt("ddp", "ddp: every rank holds the whole model and all-reduces all gradients; hybrid: "
+                            "the convolutions data-parallel, the classifier split over --tensor-parallel-size ranks "
+                            "(Krizhevsky's 'one weird trick'): far fewer bytes per step (README: Scaling)",
+                            choices=("ddp", "hybrid"))
+    tensor_parallel_size: int | None = _opt(None, "with --parallelism hybrid: the ranks that split the classifier "
+                                            "(consecutive ranks; unset = the processes of one node, "
+                                            "LOCAL_WORLD_SIZE)")
     output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>")
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, or a "
                        "checkpoint directory")
@@ -149,7 +156,8 @@ class TrainConfig:
         for name in ("epochs", "grad_accum", "log_every", "synthetic_train_size", "synthetic_test_size",
                      "lr_reference_batch"):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_steps", "checkpoint_every", "limit_train", "limit_test", "batch_size", "global_batch_size"):
+        for name in ("max_steps", "checkpoint_every", "limit_train", "limit_test", "batch_size", "global_batch_size",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{_flag(name)} must be >= 1 or unset (got {value})")
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
@@ -175,6 +183,8 @@ class TrainConfig:
              "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")
         need(self.resume in ("auto", "none") or bool(self.resume),
              "--resume must be auto, none or a checkpoint directory")
+        need(self.tensor_parallel_size is None or self.parallelism == "hybrid",
+             "--tensor-parallel-size is for --parallelism hybrid (this run uses ddp)")
         if self.mixed_precision == "fp16" and not cuda_usable():
             problems.append("--mixed-precision fp16 needs a CUDA GPU and none is usable here; "
                             "use --mixed-precision bf16 (works on CPU) or no")

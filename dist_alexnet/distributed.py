@@ -77,7 +77,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 COLLECTIVE_PLACES = {
     "agree_on_step_end": "the per-step stop check",
     "clip_grad_norm_": "a training step",
-    "train_step": "a training step's gradient all-reduce",
+    "backward": "a training step's gradient all-reduce",
+    "_all_gather": "the classifier's tensor-parallel exchange (--parallelism hybrid)",
+    "_reduce_scatter": "the classifier's tensor-parallel exchange (--parallelism hybrid)",
+    "after_backward": "the classifier shards' gradient all-reduce (--parallelism hybrid)",
     "collect": "gathering a log point's figures",
     "pending": "gathering the training sums for a checkpoint",
     "save": "saving a checkpoint",

@@ -8,7 +8,7 @@ round times, one after the other, so that load from elsewhere falls on all alike
 
   solo     rank 0 alone, a copy of the model outside DDP, while the other ranks wait in a collective: 1 process
   no_sync  all N ranks, DDP's no_sync(): the same compute, no gradient all-reduce (what sharing the machine costs)
-  ddp      all N ranks, the trainer's own step (steps.train_step: DDP all-reduce, the per-step stop check)
+  ddp      all N ranks, the trainer's own step (steps.TrainStep: DDP all-reduce, the per-step stop check)
 
 A DDP communication hook (torch's allreduce or bf16/fp16 compression hook, wrapped) records when each bucket's
 all-reduce starts and ends. From that, per step: the all-reduce time (the time some bucket is in flight), the
@@ -257,7 +257,8 @@ def worker(opts: argparse.Namespace) -> None:
     from dist_alexnet.model import build_model
     from dist_alexnet.optimization import make_optimizer
     from dist_alexnet.stats import StepStats
-    from dist_alexnet.steps import train_step
+    from dist_alexnet.parallel import DataParallel
+    from dist_alexnet.steps import TrainStep
 
     torch.set_num_threads(opts.threads)
     cfg = TrainConfig(image_size=opts.image_size, batch_size=opts.batch_size, model_width=opts.model_width,
@@ -276,7 +277,7 @@ def worker(opts: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     inputs = torch.randn(cfg.batch_size, 1, cfg.image_size, cfg.image_size, generator=generator).to(dev)
     labels = torch.randint(0, 10, (cfg.batch_size,), generator=generator).to(dev)
-    stats = StepStats(accelerator)
+    train_step = TrainStep(model, optimizer, accelerator, DataParallel(accelerator), StepStats(accelerator))
 
     solo_step = ProfiledStep(solo_model, solo_optimizer, inputs, labels, dev, accelerator.autocast) if rank == 0 \
         else None
@@ -291,7 +292,7 @@ def worker(opts: argparse.Namespace) -> None:
             no_sync_step()
 
     def ddp():
-        train_step(model, optimizer, accelerator, inputs, labels, stats)
+        train_step(inputs, labels)
 
     measurements = {"solo": solo, "no_sync": no_sync, "ddp": ddp}
     times = time_windows(measurements, {"ddp": timer, "solo": solo_step}, accelerator, opts)

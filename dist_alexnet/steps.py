@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from dist_alexnet.inputs import to_model_input
+from dist_alexnet.parallel import DataParallel
 from dist_alexnet.stats import StepStats
 
 
@@ -22,34 +23,54 @@ class StepEnd:
     applied: bool = False  # the optimizer changed the weights (not when fp16's gradient scaler skipped the step)
 
 
-def train_step(model, optimizer, accelerator: Accelerator, inputs: torch.Tensor, labels: torch.Tensor,
-               stats: StepStats, *, label_smoothing: float = 0.0, grad_clip: float | None = None,
-               stop_requested: bool = False, checkpoint_due: bool = False, measure_grad_norm: bool = False,
-               poison: bool = False) -> StepEnd | None:
-    """One micro-batch: forward, backward; on the micro-batch that completes an optimizer step, the stop check,
-    the gradient's norm (clipped to `grad_clip`), then (unless some rank's loss was not finite) the update.
-    Returns the StepEnd of a completed step, None between the micro-batches of a gradient-accumulation group.
-    `poison` makes the loss NaN (a test hook)."""
-    end = None
-    with accelerator.accumulate(model):
-        logits = model(inputs)
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        if poison:
-            loss = loss * float("nan")
-        stats.add(loss, logits, labels)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            end = agree_on_step_end(accelerator, stats.take_nonfinite(), stop_requested, checkpoint_due)
-            if grad_clip is not None:
-                end.grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)  # unscales fp16 first
-            elif measure_grad_norm:
-                end.grad_norm = gradient_norm(model, accelerator)
-        if end is None or not end.nonfinite_ranks:
-            optimizer.step()  # between the micro-batches of a group, Accelerate's optimizer does nothing
-            optimizer.zero_grad(set_to_none=True)
-    if end is not None:
-        end.applied = not end.nonfinite_ranks and not accelerator.optimizer_step_was_skipped
-    return end
+@dataclass(frozen=True)
+class StepAsks:
+    """What the loop asks of one step, besides its batch."""
+    stop_requested: bool = False  # this rank got a preemption signal
+    checkpoint_due: bool = False  # this rank's clock says a checkpoint is due (--checkpoint-minutes)
+    measure_grad_norm: bool = False  # a log point: measure the gradient's norm
+    poison: bool = False  # make the loss NaN (a test hook)
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """The training step over the run's prepared model and optimizer, built once at set-up; the trainer and the
+    benchmark call it with each micro-batch."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+    parallel: DataParallel  # how the model is spread over the ranks (parallel.py)
+    stats: StepStats
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor, asks: StepAsks = StepAsks()) -> StepEnd | None:
+        """One micro-batch: forward, backward; on the micro-batch that completes an optimizer step, the
+        parallelism's gradient exchange, the stop check, the gradient's norm (clipped to grad_clip), then (unless
+        some rank's loss was not finite) the update. Returns the StepEnd of a completed step, None between the
+        micro-batches of a gradient-accumulation group."""
+        accelerator, end = self.accelerator, None
+        with accelerator.accumulate(self.model):
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            if asks.poison:
+                loss = loss * float("nan")
+            self.stats.add(loss, logits, labels)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                self.parallel.after_backward(self.model)
+                end = agree_on_step_end(accelerator, self.stats.take_nonfinite(), asks.stop_requested,
+                                        asks.checkpoint_due)
+                if self.grad_clip is not None:
+                    end.grad_norm = self.parallel.clip_gradients(self.model, self.grad_clip)
+                elif asks.measure_grad_norm:
+                    end.grad_norm = self.parallel.gradient_norm(self.model)
+            if end is None or not end.nonfinite_ranks:
+                self.optimizer.step()  # between the micro-batches of a group, Accelerate's optimizer does nothing
+                self.optimizer.zero_grad(set_to_none=True)
+        if end is not None:
+            end.applied = not end.nonfinite_ranks and not accelerator.optimizer_step_was_skipped
+        return end
 
 
 def agree_on_step_end(accelerator: Accelerator, nonfinite: torch.Tensor, stop_requested: bool,
@@ -62,14 +83,6 @@ def agree_on_step_end(accelerator: Accelerator, nonfinite: torch.Tensor, stop_re
     flags = accelerator.gather(local.reshape(1, 3)).tolist()
     return StepEnd(nonfinite_ranks=[rank for rank, (bad, _, _) in enumerate(flags) if bad],
                    stop_requested=any(stop for _, stop, _ in flags), checkpoint_due=bool(flags[0][2]))
-
-
-def gradient_norm(model, accelerator: Accelerator) -> torch.Tensor:
-    """The L2 norm of the whole gradient as the optimizer will apply it: after DDP's averaging and without
-    fp16's loss scale (unscaled here once; the optimizer step then does not unscale again). On the device:
-    no sync."""
-    accelerator.unscale_gradients()
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 @torch.no_grad()

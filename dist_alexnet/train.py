@@ -33,6 +33,7 @@ from dist_alexnet.model import build_model
 from dist_alexnet.monitor import make_monitor, open_trackers, wait_to_sort_after_earlier_events
 from dist_alexnet.optimization import (LRSchedule, WeightEMA, make_optimizer, optimizer_implementation,
                                        set_learning_rate)
+from dist_alexnet.parallel import DataParallel, make_parallelism
 from dist_alexnet.preemption import PreemptionFlag, requeue_slurm_job, should_requeue
 from dist_alexnet.profiling import NoProfiler, StepProfiler
 from dist_alexnet.progress import Progress
@@ -40,7 +41,7 @@ from dist_alexnet.report import write_report
 from dist_alexnet.schedule import Schedule
 from dist_alexnet.state import TrainState, rng_state, set_rng_state
 from dist_alexnet.stats import StepStats
-from dist_alexnet.steps import evaluate, train_step
+from dist_alexnet.steps import StepAsks, TrainStep, evaluate
 
 
 def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> dict:
@@ -94,12 +95,14 @@ class Run:
     test_loader: torch.utils.data.DataLoader
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    parallel: DataParallel  # how the model is spread over the ranks: --parallelism (parallel.py)
     ema: WeightEMA | None  # the moving average of the weights (--ema-decay), evaluated instead of them
     batch_size: int  # per process per micro-batch
     lr: float  # the peak learning rate: --lr after --lr-scaling
     schedule: Schedule = field(init=False)
     lr_schedule: LRSchedule = field(init=False)
     stats: StepStats = field(init=False)
+    train_step: TrainStep = field(init=False)
     monitor: object = field(init=False)
     profiler: StepProfiler | NoProfiler = field(init=False)
     resumed_from: Path | None = None  # retention never deletes it
@@ -130,19 +133,21 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     check_batch_fits(cfg, world, len(train_split))
     train_loader, train_order = make_loader(train_split, cfg, train=True, batch_size=batch_size, world_size=world)
     test_loader, _ = make_loader(test_split, cfg, train=False, batch_size=batch_size)
+    parallel = make_parallelism(cfg, accelerator)
     set_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, accelerator.device)
+    model = parallel.split(build_model(cfg, accelerator.device))
     lr = cfg.effective_lr(world)
     optimizer = make_optimizer(cfg, model, lr)
     ema = None
     if cfg.ema_decay is not None:
-        ema = WeightEMA(model, build_model(dataclasses.replace(cfg, compile=False), accelerator.device), cfg.ema_decay)
+        average = parallel.split(build_model(dataclasses.replace(cfg, compile=False), accelerator.device))
+        ema = WeightEMA(model, average, cfg.ema_decay)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     if ema is not None:  # evaluated under the same autocast as the model, without a DDP wrapper
         ema.average = accelerator.prepare_model(ema.average, evaluation_mode=True)
     set_seed(cfg.seed, device_specific=True)  # and a dropout stream of its own
     return Run(cfg, accelerator, run_dir, progress, train_split, test_split, train_loader, train_order,
-               test_loader, model, optimizer, ema, batch_size, lr)
+               test_loader, model, optimizer, parallel, ema, batch_size, lr)
 
 
 def check_batch_fits(cfg: TrainConfig, world: int, train_samples: int) -> None:
@@ -162,24 +167,24 @@ def restore(run: Run) -> TrainState:
     rank's RNG (each rank reads the same files and so makes the same choice); or a fresh state."""
     cfg, accelerator, log = run.cfg, run.accelerator, run.progress.log
     state = TrainState()
-    model = accelerator.unwrap_model(run.model)
-    loaded = find_resume_checkpoint(run.dir, cfg.resume, log, Expected.of(run.signature, model, run.optimizer))
+    expected = Expected.of(run.signature, accelerator.unwrap_model(run.model), run.optimizer, run.parallel.full_shape)
+    loaded = find_resume_checkpoint(run.dir, cfg.resume, log, expected)
     keep_clear_of_newer_checkpoints(run, loaded["trainer_state"]["step"] if loaded else 0)
     if loaded is None:
         return state
     saved = loaded["trainer_state"]
     for change in resume_changes(saved["config"], cfg, mid_epoch=saved["position"] > 0, checkpoint=loaded["path"]):
         log(f"resume: {change} from step {saved['step']}")
-    model.load_state_dict(loaded["model"])
+    run.parallel.load_full_state_dict(run.model, loaded["model"])
     settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(loaded["optimizer"])
+    run.parallel.load_full_optimizer_state(run.optimizer, run.model, loaded["optimizer"])
     for group, ours in zip(run.optimizer.param_groups, settings):
         group.update(ours)  # this run's weight decay, momentum...: the saved state, today's options
     if "scaler" in loaded and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(loaded["scaler"])
     if run.ema is not None:
         if "ema" in loaded:
-            run.ema.average.load_state_dict(loaded["ema"])
+            run.parallel.load_full_state_dict(run.ema.average, loaded["ema"])
         else:
             run.ema.restart()
             log("note: the checkpoint has no weight average; --ema-decay starts one from its weights")
@@ -230,6 +235,8 @@ def start_logging(run: Run, state: TrainState) -> None:
     on_main_process(accelerator, prepare_run_files, "writing config.yaml")
     open_trackers(accelerator, cfg, run.dir, start_step=state.step)
     run.stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
+    run.train_step = TrainStep(run.model, run.optimizer, accelerator, run.parallel, run.stats,
+                               label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
     effective = {"per_process_batch": run.batch_size, "global_batch": run.schedule.step_samples, "lr": run.lr}
     run.monitor = make_monitor(accelerator, cfg, effective, state.step, run.dir, log=run.progress.log)
     run.profiler = (StepProfiler(cfg.profile_steps, run.dir, accelerator.process_index, run.progress.log)
@@ -239,7 +246,7 @@ def start_logging(run: Run, state: TrainState) -> None:
     run.progress.log(f"run directory {run.dir} | {world} process(es), {accelerator.distributed_type.value}, "
                      f"mixed precision {accelerator.mixed_precision} | {len(run.train_split)} train / "
                      f"{len(run.test_split)} test samples, global batch {run.schedule.step_samples}, "
-                     f"{run.schedule.total_steps} steps")
+                     f"{run.schedule.total_steps} steps | parallelism {run.parallel.describe()}")
     run.progress.log(describe_optimization(run))
     if world > 1 and cfg.global_batch_size is None and cfg.lr_scaling == "none":
         run.progress.log(f"note: global batch {run.schedule.step_samples} ({run.batch_size} per process x {world} "
@@ -281,11 +288,10 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
         run.monitor.show_inputs(batch, state.epoch, state.step)
         set_learning_rate(run.optimizer, run.lr_schedule.lr(state.applied_steps))
         inputs, labels = training_input(batch, run.cfg, state.epoch)
-        end = train_step(run.model, run.optimizer, run.accelerator, inputs, labels, run.stats,
-                         label_smoothing=run.cfg.label_smoothing, grad_clip=run.cfg.grad_clip,
-                         stop_requested=preemption.received is not None,
-                         checkpoint_due=run.schedule.checkpoint_due(time.monotonic() - run.last_save),
-                         measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step))
+        end = run.train_step(inputs, labels, StepAsks(
+            stop_requested=preemption.received is not None,
+            checkpoint_due=run.schedule.checkpoint_due(time.monotonic() - run.last_save),
+            measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step)))
         state.position += run.schedule.micro_samples
         if end is None:  # inside a gradient-accumulation group
             continue
@@ -360,14 +366,15 @@ def save(run: Run, state: TrainState, test_acc: float | None = None) -> Path:
     accelerator = run.accelerator
     state.pending_train_sums = run.stats.pending()
     rng_states = gather_object([rng_state()])
+    # the full, unsharded state (under --parallelism hybrid every rank takes part in gathering the shards)
+    files = {"model.safetensors": run.parallel.full_state_dict(run.model),
+             "optimizer.pt": run.parallel.full_optimizer_state(run.optimizer, run.model), "rng_states.pt": rng_states}
+    if accelerator.scaler is not None:
+        files["scaler.pt"] = accelerator.scaler.state_dict()
+    if run.ema is not None:
+        files["ema.safetensors"] = run.parallel.full_state_dict(run.ema.average)
 
     def write() -> Path:
-        files = {"model.safetensors": accelerator.unwrap_model(run.model).state_dict(),
-                 "optimizer.pt": run.optimizer.state_dict(), "rng_states.pt": rng_states}
-        if accelerator.scaler is not None:
-            files["scaler.pt"] = accelerator.scaler.state_dict()
-        if run.ema is not None:
-            files["ema.safetensors"] = run.ema.average.state_dict()
         trainer_state = {**state.state_dict(), "test_acc": test_acc, "world_size": accelerator.num_processes,
                          "signature": run.signature, "config": run.cfg.to_dict()}
         return save_checkpoint(run.dir, state.step, files, trainer_state, run.cfg.keep_checkpoints,
@@ -398,8 +405,10 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
     every rank."""
     accelerator = run.accelerator
     run.progress.close()
-    # DDP keeps every rank's weights identical; record one checksum per rank so anyone can verify it.
-    checksum = torch.stack([p.detach().double().sum() for p in run.model.parameters()]).sum().reshape(1)
+    # DDP keeps every rank's copy of the replicated weights identical; record one checksum per rank so anyone can
+    # verify it.
+    checksum = torch.stack([p.detach().double().sum() for p in run.parallel.replicated_parameters(run.model)]
+                           ).sum().reshape(1)
     checksums = accelerator.gather(checksum).tolist()
     if len(set(checksums)) != 1:
         run.progress.log(f"WARNING: the ranks ended with different weights (parameter sums {checksums})")

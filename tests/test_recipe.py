@@ -224,7 +224,8 @@ def test_a_step_the_gradient_scaler_skipped_is_not_applied(monkeypatch):
     from dist_alexnet.model import build_model
     from dist_alexnet.optimization import make_optimizer
     from dist_alexnet.stats import StepStats
-    from dist_alexnet.steps import train_step
+    from dist_alexnet.parallel import DataParallel
+    from dist_alexnet.steps import TrainStep
 
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     cfg = TrainConfig(model_width=0.125, image_size=64, mixed_precision="fp16").validate()
@@ -234,9 +235,9 @@ def test_a_step_the_gradient_scaler_skipped_is_not_applied(monkeypatch):
     first = next(model.parameters())
     inputs = torch.randn(8, 1, 64, 64, device=accelerator.device)
     labels = torch.randint(0, 10, (8,), device=accelerator.device)
-    stats = StepStats(accelerator)
+    train_step = TrainStep(model, optimizer, accelerator, DataParallel(accelerator), StepStats(accelerator))
     handle = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
-    end = train_step(model, optimizer, accelerator, inputs, labels, stats)
+    end = train_step(inputs, labels)
     handle.remove()
     assert end is not None and not end.applied
-    assert train_step(model, optimizer, accelerator, inputs, labels, stats).applied
+    assert train_step(inputs, labels).applied
