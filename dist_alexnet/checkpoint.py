@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -279,12 +280,43 @@ def _check_trainer_state(state, checkpoint: Path) -> None:
         if not isinstance(state[key], kinds) or isinstance(state[key], bool):
             kind = {int: "whole number", float: "number", list: "list", dict: "mapping"}[kinds[0]]
             raise CheckpointError(f"{path}: {key} is {state[key]!r}, not a {kind}")
-    if state["step"] < 0 or state["epoch"] < 0 or state["position"] < 0 or len(state["pending_train_sums"]) != 3:
-        raise CheckpointError(f"{path}: step, epoch or position is negative, or the pending sums are not three")
+    for problem in _trainer_state_problems(state):
+        raise CheckpointError(f"{path}: {problem}: it is damaged or was edited; resume from another checkpoint "
+                              f"(--resume PATH) or start afresh in another --output-dir")
     named = CHECKPOINT_NAME.match(checkpoint.name)
     if named and int(named.group(1)) != state["step"]:
         raise CheckpointError(f"{path} says step {state['step']} but the checkpoint is {checkpoint.name}: it was "
                               f"renamed or mixed up with another")
+
+
+def _trainer_state_problems(state: dict):
+    """What is out of range in a trainer_state.json whose keys have the right types: each field against the others
+    and against the run it describes (its signature: the training samples; its config: the batch)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    step, position = state["step"], state["position"]
+    samples = state["signature"].get("train_samples")
+    if step < 0 or state["epoch"] < 0 or position < 0:
+        yield f"step {step}, epoch {state['epoch']}, position {position}: none may be negative"
+    applied = state.get("applied_steps", step)  # checkpoints of 0.1 have none: every step was applied
+    if not (isinstance(applied, int) and not isinstance(applied, bool) and 0 <= applied <= step):
+        yield f"applied_steps is {applied!r}, not a whole number from 0 to the step, {step}"
+    if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
+        yield f"signature.train_samples is {samples!r}, not a positive whole number"
+    elif position >= samples:
+        yield f"position {position} is not inside an epoch of {samples} training samples"
+    if state["world_size"] < 1:
+        yield f"world_size is {state['world_size']}, not a positive number of processes"
+    for key in ("test_acc", "best_test_acc"):
+        if state[key] is not None and not (number(state[key]) and 0 <= state[key] <= 1):
+            yield f"{key} is {state[key]!r}, not an accuracy from 0 to 1"
+    sums = state["pending_train_sums"]
+    if len(sums) != 3 or not all(number(v) and v >= 0 for v in sums):
+        yield f"pending_train_sums is {sums!r}, not three finite numbers >= 0 (loss x samples, correct, samples)"
+    loss = state.get("last_train_loss")
+    if loss is not None and not number(loss):
+        yield f"last_train_loss is {loss!r}, not a number"
 
 
 def _check_rng_states(states, path: Path) -> None:
@@ -349,4 +381,6 @@ def check_compatible(trainer_state: dict, signature: dict, path: Path) -> None:
                  if saved.get(key) != value]
     if different:
         raise IncompatibleCheckpoint(f"checkpoint {path} was made for a different model or data set: "
-                              f"{', '.join(different)}; use another --output-dir or --resume none")
+                              f"{', '.join(different)}; continue that run with its own model and data options, or "
+                              f"train this one in another --output-dir (or here with --resume none "
+                              f"--move-old-checkpoints, which moves the old run aside)")

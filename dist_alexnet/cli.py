@@ -18,8 +18,17 @@ ONE_LINE_ERRORS = tuple(EXIT_CODES)
 MODEL_HELP = "a training checkpoint (checkpoints/step_NNNNNN), a run directory (its best checkpoint) or an export"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, except that a bad command line is one line like every other error (argparse prints the
+    whole usage first: 40 lines for train), with the --help that lists the options. Subcommands inherit it."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"dist-alexnet: error: {message}; see `{self.prog} --help`\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-alexnet", description="Distributed AlexNet on Fashion-MNIST.")
+    parser = Parser(prog="dist-alexnet", description="Distributed AlexNet on Fashion-MNIST.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     debug = argparse.ArgumentParser(add_help=False)  # --debug for every subcommand that reports input errors
@@ -114,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = model_command(commands, debug, "export", run_export,
                            "a Hugging Face-style folder (config.json, model.safetensors, README.md model card), "
                            "optionally with an ONNX graph checked against PyTorch")
-    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (never anything else: a run directory, a checkpoint "
+                             "or other files are refused)")
     export.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                         help="onnx: also model.onnx (uint8 images in, preprocessing in the graph), checked against "
                              "PyTorch on real test images; needs the [onnx] extra (default: safetensors)")
@@ -122,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="then upload the folder to this Hugging Face model repository (needs a network and "
                              "`huggingface-cli login`)")
 
-    report = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its figures from the run's event files")
+    report = commands.add_parser("report", parents=[debug], help="rebuild RUN_DIR/report.md and its figures from the run's event files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
     report.set_defaults(run=run_report)
     return parser
@@ -241,7 +253,7 @@ def run_export(args: argparse.Namespace) -> int:
     from dist_alexnet.export import export_model, push_to_hub
 
     folder = export_model(args.checkpoint, args.out, onnx=args.format == "onnx",
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(f"exported: {folder}")
     if args.push_to_hub:
         print(f"pushed: {push_to_hub(folder, args.push_to_hub)}")
@@ -249,9 +261,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from dist_alexnet.errors import ReportError
     from dist_alexnet.report import write_report
 
-    print(write_report(args.run_dir))
+    try:
+        print(write_report(args.run_dir))
+    except OSError as err:
+        raise ReportError(f"cannot write the report into {args.run_dir}: {err.filename or args.run_dir} "
+                          f"({err.strerror or err}); make the run directory writable, or copy it somewhere "
+                          f"writable and run `dist-alexnet report` on the copy") from None
     return 0
 
 
@@ -263,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         return report_error(err, next(code for kind, code in EXIT_CODES.items() if isinstance(err, kind)))
+    except KeyboardInterrupt:  # Ctrl-C outside training, or the second one during it (the first saves and stops)
+        if getattr(args, "debug", False):
+            raise
+        return report_error(InterruptedError("interrupted (Ctrl-C): stopped at once; a training run continues "
+                                             "from its newest complete checkpoint with --resume auto"), 130)
 
 
 def report_error(err: Exception, code: int) -> int:

@@ -7,6 +7,7 @@ reference tutorial's run (Adam lr 1e-3, batch 128, 3 epochs, images resized to 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -172,6 +173,9 @@ class TrainConfig:
                                       f"and AlexNet's activations grow with the square of the side")
         need(self.collective_timeout > 0 and math.isfinite(self.collective_timeout),
              f"--collective-timeout must be a positive number of seconds (got {self.collective_timeout})")
+        need(not self.collective_timeout > MAX_COLLECTIVE_TIMEOUT,
+             f"--collective-timeout must be at most {MAX_COLLECTIVE_TIMEOUT:g} s (about 31 years; the process "
+             f"group's clock counts nanoseconds in 64 bits) (got {self.collective_timeout:g})")
         need(self.checkpoint_minutes is None or self.checkpoint_minutes > 0,
              f"--checkpoint-minutes must be positive (got {self.checkpoint_minutes})")
         need(0 < self.model_width <= 4, f"--model-width must be in (0, 4] (got {self.model_width})")
@@ -235,6 +239,9 @@ class TrainConfig:
         if unknown or not names:
             problems.append(f"--report-to {self.report_to!r}: give tensorboard, mlflow, wandb, all or none, or a "
                             f"comma list of the first three")
+        elif len(names) > 1 and {"all", "none"} & set(names):  # "none,tensorboard": which one is meant?
+            problems.append(f"--report-to {self.report_to!r}: all and none stand alone; give one of them, or a "
+                            f"comma list of tensorboard, mlflow, wandb")
         for name in self.trackers():
             module = TRACKERS[name]
             if module and importlib.util.find_spec(module) is None:
@@ -246,6 +253,10 @@ class TrainConfig:
             except (ValueError, AssertionError):
                 problems.append(f"--profile-steps must be A:B with 1 <= A <= B, optimizer steps (got "
                                 f"{self.profile_steps!r})")
+            else:  # the end of the run in steps is known here only through --max-steps (Schedule checks the rest)
+                if self.max_steps is not None and last > self.max_steps:
+                    problems.append(f"--profile-steps {self.profile_steps} ends after the run's last step "
+                                    f"(--max-steps {self.max_steps}); profile steps up to {self.max_steps}")
         return problems
 
     def trackers(self) -> list[str]:
@@ -265,10 +276,11 @@ class TrainConfig:
         if self.global_batch_size % shares:
             below = self.global_batch_size // shares * shares
             fits = [n for n in range(1, 65) if self.global_batch_size % (n * self.grad_accum) == 0]
+            elsewhere = (f", or run on {', '.join(map(str, fits))} process(es)" if fits else
+                         f" (with --grad-accum {self.grad_accum} it fits no number of processes)")
             raise ConfigError(f"--global-batch-size {self.global_batch_size} does not divide by {world_size} "
                               f"process(es) x --grad-accum {self.grad_accum} = {shares}: use a multiple of {shares} "
-                              f"(e.g. {max(below, shares)} or {below + shares}), or run on "
-                              f"{', '.join(map(str, fits))} process(es)")
+                              f"(e.g. {max(below, shares)} or {below + shares}){elsewhere}")
         return self.global_batch_size // shares
 
     def global_batch(self, world_size: int) -> int:
@@ -283,6 +295,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# Past this, the process group's timeout overflows (torch keeps it in nanoseconds, a signed 64-bit count: 9.2e9 s).
+MAX_COLLECTIVE_TIMEOUT = 1e9
 
 # The trackers --report-to knows, and the module each needs (TensorBoard always comes with dist-alexnet).
 TRACKERS = {"tensorboard": None, "mlflow": "mlflow", "wandb": "wandb"}
@@ -337,10 +352,25 @@ def _coerce(name: str, value, kind: type, optional: bool, source: str):
     raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (again on line "
+                                                        f"{key_node.start_mark.line + 1}); keep one of them",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -362,6 +392,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
         name = str(key).replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        if name in values:  # image_size and image-size: one option given twice
+            twin = next(k for k in data if str(k).replace("-", "_") == name)
+            raise ConfigError(f"config file {path}: {twin!r} and {key!r} are the same option; keep one of them")
         values[name] = _coerce(name, value, _field_type(known[name]), _optional(known[name]), f"config file {path}")
     return values
 
@@ -429,4 +462,17 @@ def resume_changes(saved: dict, cfg: TrainConfig, mid_epoch: bool, checkpoint) -
 
 
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The run's config.yaml, replaced whole (a temporary file renamed over it); ConfigError naming it when it
+    cannot be written (a directory of that name, an unwritable run directory)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(21, "Is a directory")  # os.replace would say only "Is a directory" for tmp
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"cannot write {path} ({err.strerror or err}): the run directory's config.yaml must be a "
+                          f"file it can replace; move that entry away, or choose another --output-dir") from None

@@ -37,12 +37,20 @@ PARITY_IMAGES = 256  # real test images (the shipped sample's test part) the ONN
 PARITY_TOLERANCE = 1e-3  # the largest logit difference accepted between ONNX Runtime and PyTorch
 
 
-def export_model(checkpoint: str, out: str | os.PathLike, onnx: bool = False, log=print) -> Path:
+# What an export folder holds (model_card.json: the export of 0.1): with --overwrite, only a folder of these
+# files is replaced, so that no mistyped --out can delete a run, a checkpoint or anything else.
+EXPORT_FILES = {"config.json", "model.safetensors", "README.md", ONNX_FILE, "model_card.json"}
+
+
+def export_model(checkpoint: str, out: str | os.PathLike, onnx: bool = False, log=print,
+                 overwrite: bool = False) -> Path:
     """Write the export folder `out` (complete or not at all: it is built next to `out`, then renamed into
-    place); returns it."""
+    place); returns it. An existing `out` must be empty, or with `overwrite` an earlier export."""
     trained = load_trained_model(checkpoint, log)
     out = Path(out)
+    check_out(out, trained.path, overwrite)
     building = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    replaced = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(building, ignore_errors=True)
@@ -52,16 +60,45 @@ def export_model(checkpoint: str, out: str | os.PathLike, onnx: bool = False, lo
             config["onnx"] = export_onnx(trained, building / ONNX_FILE)
             (building / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (building / "README.md").write_text(model_card(config))
-        if out.exists():
-            shutil.rmtree(out)
+        # safetensors writes its file for the owner alone; a model meant for sharing is readable as README.md is
+        mode = (building / "README.md").stat().st_mode & 0o777
+        for file in building.iterdir():
+            file.chmod(mode)
+        if out.exists():  # checked above: empty, or an earlier export (--overwrite)
+            os.rename(out, replaced)
         os.rename(building, out)
+        shutil.rmtree(replaced, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(building, ignore_errors=True)
+        if replaced.exists() and not out.exists():
+            os.rename(replaced, out)
         raise ConfigError(f"cannot write the export into {out} ({err.strerror or err}); choose another --out") from None
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return out
+
+
+def check_out(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an --out whose contents the export would destroy (ConfigError naming what is in the way)."""
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
+    source = source.resolve()
+    if out.resolve() == source or out.resolve() in source.parents:
+        raise ConfigError(f"--out {out} holds the checkpoint being exported ({source}); choose another --out")
+    entries = sorted(entry.name for entry in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty; choose another --out, or add --overwrite to replace "
+                          f"an earlier export there")
+    foreign = [name for name in entries if name not in EXPORT_FILES or not (out / name).is_file()]
+    if foreign or not (out / "config.json").is_file():
+        what = (f"holds {foreign[0]!r}, which no export writes" if foreign else "has no config.json")
+        raise ConfigError(f"--out {out} is not an earlier export ({what}: a run directory, a checkpoint or other "
+                          f"files); --overwrite only replaces an export; choose another --out")
 
 
 def export_config(trained: TrainedModel) -> dict:

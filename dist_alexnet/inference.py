@@ -106,6 +106,35 @@ def read_export_card(folder: Path) -> dict:
     return card
 
 
+MAX_WIDTH = 4.0  # as train's --model-width: 4x AlexNet is 0.9 billion parameters (3.7 GB of float32)
+
+
+def check_model_arguments(arguments: dict, source: str) -> None:
+    """AlexNet's arguments (num_classes, in_channels, width, dropout; from an export's config.json or a caller)
+    checked before the model is built: a width of 40 would allocate 3.9 GB first. CheckpointError names `source`."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    def real(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    problems = []
+    for name in ("num_classes", "in_channels"):
+        if name in arguments and not whole(arguments[name]):
+            problems.append(f"{name} {arguments[name]!r} is not a whole number >= 1")
+    width = arguments.get("width", 1.0)
+    if not (real(width) and 0 < width <= MAX_WIDTH):
+        problems.append(f"width {width!r} is not in (0, {MAX_WIDTH:g}]")
+    dropout = arguments.get("dropout", 0.5)
+    if not (real(dropout) and 0 <= dropout < 1):
+        problems.append(f"dropout {dropout!r} is not in [0, 1)")
+    unknown = sorted(set(arguments) - {"num_classes", "in_channels", "width", "dropout"})
+    if unknown:
+        problems.append(f"unknown argument(s) {', '.join(unknown)}")
+    if problems:
+        raise CheckpointError(f"{source}: {'; '.join(problems)}")
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:

@@ -8,6 +8,7 @@ Open a trace at https://ui.perfetto.dev (or chrome://tracing): "Open trace file"
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ class StepProfiler:
         self.first, self.last = parse_steps(spec)
         self.path = Path(run_dir) / "profile" / f"rank{rank}.json"
         self.log, self.top, self.profile = log, top, None
+        self.started, self.done = 0, 0  # the first step profiled, the last one completed
 
     def before(self, step: int) -> None:
         """Before a micro-batch of optimizer step `step`."""
@@ -37,18 +39,33 @@ class StepProfiler:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profile = torch.profiler.profile(activities=activities, record_shapes=True)
             self.profile.start()
+            self.started = step
+            # A run that stops inside the window (a preemption, an error) must still close the profile: one left
+            # open when the interpreter shuts down ends the process with SIGSEGV.
+            atexit.register(self.close)
 
     def after(self, step: int) -> None:
         """After optimizer step `step` is complete."""
-        if self.profile is not None and step >= self.last:
-            self.profile.stop()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.profile.export_chrome_trace(str(self.path))
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            table = self.profile.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=self.top)
-            self.log(f"profile of steps {self.first}-{self.last} ({self.path}; the other ranks' next to it), the "
-                     f"top {self.top} operators by self time:\n{table}")
-            self.profile = None
+        if self.profile is not None:
+            self.done = step
+            if step >= self.last:
+                self.close()
+
+    def close(self) -> None:
+        """Stop an open profile and write what it recorded (steps up to the last one completed)."""
+        if self.profile is None:
+            return
+        atexit.unregister(self.close)
+        profile, self.profile = self.profile, None
+        profile.stop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        profile.export_chrome_trace(str(self.path))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        table = profile.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=self.top)
+        steps = f"{self.started}-{self.done}" if self.done else f"{self.started} (cut short)"
+        cut = "" if self.done >= self.last else f", the run stopped inside --profile-steps {self.first}:{self.last}"
+        self.log(f"profile of steps {steps} ({self.path}; the other ranks' next to it{cut}), the top {self.top} "
+                 f"operators by self time:\n{table}")
 
 
 class NoProfiler:
@@ -58,4 +75,7 @@ class NoProfiler:
         pass
 
     def after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
         pass

@@ -59,14 +59,14 @@ def read_events(tensorboard_dir: Path) -> Events:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write report.md and its PNG files into run_dir; return the report's path."""
+    """Write report.md and its PNG files into run_dir; return the report's path. A file that cannot be written
+    (a read-only run directory, a full disk) is an OSError naming it; `dist-alexnet report` makes it one line."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
     events = read_events(run_dir / "tensorboard")
     metrics = read_metrics(run_dir / "metrics.json")
-    config_file = run_dir / "config.yaml"
-    config = config_file.read_text() if config_file.exists() else _uncode(_text(events, "run/config"))
+    config = read_config_text(run_dir / "config.yaml") or _uncode(_text(events, "run/config"))
 
     s = events.scalars
     curves = {"loss.png": (loss_figure, "train/loss", "test/loss"),
@@ -118,6 +118,14 @@ def write_report(run_dir: str | Path) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def read_config_text(path: Path) -> str | None:
+    """config.yaml's text, or None when it is missing or cannot be read (the events hold the same)."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 METRICS_KEYS = ("test_acc", "test_loss", "test_correct", "test_samples", "train_loss", "steps", "epochs", "world_size",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dist_alexnet.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -33,6 +35,7 @@ class Schedule:
             total += train_samples // step_samples * (epochs_left - 1)
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
+        check_profile_window(cfg.profile_steps, total, state.step)
         return cls(train_samples, micro, step_samples, total, cfg.log_every, cfg.checkpoint_every,
                    cfg.checkpoint_minutes)
 
@@ -61,3 +64,15 @@ class Schedule:
         The end of an epoch and the end of the run have their own checkpoint, after their evaluation."""
         by_steps = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
         return (by_steps or time_due) and not self.epoch_over(position) and not self.is_last(step)
+
+
+def check_profile_window(spec: str | None, total_steps: int, start_step: int) -> None:
+    """--profile-steps A:B must end by the run's last step: a profile still open when the process ends crashes it
+    (torch.profiler at interpreter exit). A window a resumed run has already passed is left alone (its earlier
+    launch profiled it)."""
+    if spec is None:
+        return
+    first, last = (int(part) for part in spec.split(":"))  # validated by TrainConfig
+    if last > total_steps and start_step < last:
+        raise ConfigError(f"--profile-steps {spec} ends after the run's last step, {total_steps}; profile steps up "
+                          f"to {total_steps} (e.g. --profile-steps {min(first, total_steps)}:{total_steps})")

@@ -6,6 +6,7 @@ predictions as records, and an ONNX export run by ONNX Runtime. None of it impor
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -33,16 +34,28 @@ def image_files(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
-            if not found:
+            named = sorted(p for p in path.iterdir() if p.suffix.lower() in extensions)
+            found = [p for p in named if p.is_file()]
+            # an image's name on a link to nowhere, a FIFO or a device: meant as an input, so named, never opened
+            problems += [(str(p), not_a_file(p)) for p in named if not p.is_file() and not p.is_dir()]
+            if not named:
                 problems.append((argument, f"directory {path} holds no image files (looked for "
                                            f"{', '.join(sorted(COMMON_EXTENSIONS))}, ...)"))
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            problems.append((argument, f"{path} does not exist"))
+            problems.append((argument, not_a_file(path)))
     return files, problems
+
+
+def not_a_file(path: Path) -> str:
+    """Why `path` (neither a regular file nor a directory) is not read: predict's message about it."""
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a link to nowhere ({os.readlink(path)} does not exist); skipped"
+    if path.exists():  # reading a FIFO would wait for a writer forever
+        return f"{path} is not a regular file (a FIFO, socket or device); skipped"
+    return f"{path} does not exist"
 
 
 def read_image(path: Path, invert: bool = False) -> np.ndarray:
@@ -146,9 +159,44 @@ def onnx_session(folder: Path):
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: give an export made with `export --format onnx`")
     try:
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # ONNX Runtime reports a damaged or foreign file as its own exception types
         raise ConfigError(f"{path} is not a model ONNX Runtime can load ({first_line(err, 200)})") from None
+    check_onnx_signature(session, path)
+    return session
+
+
+def check_onnx_signature(session, path: Path, classes: int | None = None) -> None:
+    """Refuse a graph that is not an export's: one input `images`, uint8 [batch, 28, 28]; one output of
+    [batch, `classes`] logits (ConfigError naming what differs). A dimension the graph leaves open passes."""
+    def fits(shape, expected) -> bool:
+        return len(shape) == len(expected) and all(not isinstance(d, int) or e is None or d == e
+                                                    for d, e in zip(shape, expected))
+
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    fix = "export the checkpoint again with `dist-alexnet export --format onnx`"
+    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)" \
+            or not fits(inputs[0].shape, (None, 28, 28)):
+        found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+        raise ConfigError(f"{path} takes {found or 'no input'}, not an export's one input images tensor(uint8) "
+                          f"[batch, 28, 28]; {fix}")
+    if len(outputs) != 1 or not fits(outputs[0].shape, (None, classes)):
+        found = ", ".join(f"{o.name} {o.shape}" for o in outputs)
+        raise ConfigError(f"{path} gives {found or 'no output'}, not one output of [batch, "
+                          f"{classes if classes else 'classes'}] logits; {fix}")
+
+
+def export_class_names(folder: Path) -> list[str]:
+    """The class names an export's config.json lists (ConfigError when it has none)."""
+    path = folder / "config.json"
+    try:
+        names = json.loads(path.read_text())["class_names"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} does not list the export's class names ({first_line(err, 200)}); give a folder "
+                          f"made by `dist-alexnet export --format onnx`") from None
+    if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+        raise ConfigError(f"{path}: class_names is not a list of names; give a folder made by `dist-alexnet export`")
+    return names
 
 
 def predict_onnx(folder: Path, files: list[Path], invert: bool = False, batch_size: int = 256,
@@ -156,7 +204,8 @@ def predict_onnx(folder: Path, files: list[Path], invert: bool = False, batch_si
     """predict with an export's model.onnx on ONNX Runtime: the normalization and the resize are in the graph,
     so its input is the 28x28 uint8 image itself."""
     session = onnx_session(folder)
-    class_names = json.loads((Path(folder) / "config.json").read_text())["class_names"]
+    class_names = export_class_names(Path(folder))
+    check_onnx_signature(session, Path(folder) / ONNX_FILE, len(class_names))
     readable, problems = read_images(files, invert)
     records = []
     for start in range(0, len(readable), batch_size):

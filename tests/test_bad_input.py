@@ -5,6 +5,8 @@ a full disk are in test_guards.py."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import pytest
@@ -71,6 +73,9 @@ YAML_CASES = {
     "yaml_invalid": ("lr: [0.1\n", "is not valid YAML"),
     "yaml_empty_epochs": ("epochs: ~\n", "epochs must be int, got an empty value"),
     "yaml_empty_data_dir": ("data_dir:\n", "data_dir must be str, got an empty value"),
+    "yaml_key_twice": ("epochs: 2\nlr: 0.01\nepochs: 3\n", "key 'epochs' is given twice (again on line 3)"),
+    "yaml_option_spelled_both_ways": ("image_size: 64\nimage-size: 96\n",
+                                      "'image_size' and 'image-size' are the same option"),
 }
 for name, (text, words) in YAML_CASES.items():
     def yaml_case(tmp, data_dir, run_dir, text=text, words=words):
@@ -100,6 +105,17 @@ OPTION_CASES = {
     "image_size_above_1024": (["--image-size", "10000"], "--image-size must be <= 1024"),
     "collective_timeout_of_zero": (["--collective-timeout", "0"], "--collective-timeout must be a positive number"),
     "checkpoint_minutes_of_zero": (["--checkpoint-minutes", "0"], "--checkpoint-minutes must be positive"),
+    "collective_timeout_past_the_backends_limit": (["--collective-timeout", "1e15"],
+                                                   "--collective-timeout must be at most 1e+09 s"),
+    "collective_timeout_that_overflows_nanoseconds": (["--collective-timeout", "1e10"],
+                                                      "--collective-timeout must be at most 1e+09 s"),
+    "report_to_none_and_a_tracker": (["--report-to", "none,tensorboard"], "all and none stand alone"),
+    "report_to_all_and_none": (["--report-to", "all,none"], "all and none stand alone"),
+    "profile_window_past_max_steps": (["--max-steps", "4", "--profile-steps", "3:9"],
+                                      "--profile-steps 3:9 ends after the run's last step (--max-steps 4)"),
+    # 32 samples per step, 32 steps per epoch: the run ends at step 32 (known only once the data is loaded)
+    "profile_window_past_the_last_epoch": (["--epochs", "1", "--profile-steps", "30:40"],
+                                           "--profile-steps 30:40 ends after the run's last step, 32"),
 }
 for name, (option, words) in OPTION_CASES.items():
     CASES[name] = lambda tmp, data_dir, run_dir, option=option, words=words: (tiny(data_dir, tmp, *option), words)
@@ -109,6 +125,12 @@ for name, (option, words) in OPTION_CASES.items():
 def global_batch_that_does_not_divide(tmp, data_dir, run_dir):
     return tiny(data_dir, tmp, "--global-batch-size", "32", "--grad-accum", "3"), \
         "does not divide by 1 process(es) x --grad-accum 3"
+
+
+@case
+def global_batch_that_fits_no_process_count(tmp, data_dir, run_dir):
+    return tiny(data_dir, tmp, "--global-batch-size", "33", "--grad-accum", "2"), \
+        "(with --grad-accum 2 it fits no number of processes)"
 
 
 @case
@@ -141,6 +163,20 @@ for name, (entry, kind) in ENTRY_CASES.items():
         words = "a file, not a directory" if kind == "file" else "a link to nowhere or to itself"
         return tiny(data_dir, tmp), f"{entry} is {words}"
     CASES[name] = entry_case
+
+
+@case
+def run_config_yaml_is_a_directory(tmp, data_dir, run_dir):
+    (tmp / "out" / "config.yaml").mkdir(parents=True)
+    return tiny(data_dir, tmp), f"cannot write {tmp / 'out' / 'config.yaml'} (Is a directory)"
+
+
+@case
+def report_that_cannot_be_written(tmp, data_dir, run_dir):
+    copy = shutil.copytree(run_dir, tmp / "run")
+    (copy / "loss.png").unlink()
+    (copy / "loss.png").mkdir()  # a file the report must write, blocked (as root, permissions would not block it)
+    return ["report", str(copy)], f"cannot write the report into {copy}: {copy / 'loss.png'} (Is a directory)"
 
 
 @case
@@ -186,6 +222,30 @@ def resume_from_another_model(tmp, data_dir, run_dir):
             "--resume", str(list_checkpoints(run_dir)[-1])], "different model or data set"
 
 
+def tampered_checkpoint(tmp, run_dir, **fields):
+    copy = shutil.copytree(list_checkpoints(run_dir)[-1], tmp / "ckpt" / "checkpoints" / "step_000064")
+    state = json.loads((copy / "trainer_state.json").read_text())
+    (copy / "trainer_state.json").write_text(json.dumps({**state, **fields}))
+    return copy
+
+
+# A trainer_state.json that is valid JSON with a field out of range: case name -> (the field, words of the message).
+TAMPERED_CASES = {
+    "trainer_state_negative_applied_steps": ({"applied_steps": -5}, "applied_steps is -5, not a whole number from 0"),
+    "trainer_state_position_past_the_epoch": ({"position": 10**9},
+                                              f"position {10**9} is not inside an epoch of {TRAIN_SAMPLES}"),
+    "trainer_state_accuracy_above_one": ({"best_test_acc": 7.5}, "best_test_acc is 7.5, not an accuracy"),
+    "trainer_state_nan_pending_sums": ({"pending_train_sums": [1, "x", 2]}, "pending_train_sums is [1, 'x', 2]"),
+    "trainer_state_no_processes": ({"world_size": 0}, "world_size is 0"),
+}
+for name, (fields, words) in TAMPERED_CASES.items():
+    def tampered_case(tmp, data_dir, run_dir, fields=fields, words=words):
+        copy = tampered_checkpoint(tmp, run_dir, **fields)
+        return tiny(data_dir, tmp, "--epochs", "3", "--resume", str(copy)), \
+            f"{copy / 'trainer_state.json'}: {words}"
+    CASES[name] = tampered_case
+
+
 @case
 def export_into_a_file(tmp, data_dir, run_dir):
     (tmp / "a-file").write_text("")
@@ -212,6 +272,58 @@ def predict_empty_directory(tmp, data_dir, run_dir):
 @case
 def predict_missing_file(tmp, data_dir, run_dir):
     return ["predict", "--checkpoint", str(run_dir), str(tmp / "nope.png")], "does not exist"
+
+
+@case
+def predict_broken_link_in_a_directory(tmp, data_dir, run_dir):
+    (tmp / "images").mkdir()
+    (tmp / "images" / "shirt.png").symlink_to(tmp / "gone.png")
+    return ["predict", "--checkpoint", str(run_dir), str(tmp / "images")], \
+        f"{tmp / 'images' / 'shirt.png'} is a link to nowhere"
+
+
+@case
+def predict_fifo_in_a_directory(tmp, data_dir, run_dir):  # never opened: reading it would wait forever
+    (tmp / "images").mkdir()
+    os.mkfifo(tmp / "images" / "camera.png")
+    return ["predict", "--checkpoint", str(run_dir), str(tmp / "images")], \
+        f"{tmp / 'images' / 'camera.png'} is not a regular file"
+
+
+def onnx_folder(tmp, input_name="images", dtype="uint8", classes=10):
+    """A folder as `export --format onnx` writes it, with a one-layer graph of the given signature."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from dist_alexnet.datasets import CLASS_NAMES
+
+    kind = {"uint8": TensorProto.UINT8, "float": TensorProto.FLOAT}[dtype]
+    nodes = [helper.make_node("Cast", [input_name], ["as_float"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["as_float", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "weight"], ["logits"])]
+    constants = [numpy_helper.from_array(np.array([-1, 784], dtype=np.int64), "shape"),
+                 numpy_helper.from_array(np.zeros((784, classes), dtype=np.float32), "weight")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(input_name, kind, ["batch", 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+                              constants)
+    folder = tmp / "export"
+    folder.mkdir()
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), folder / "model.onnx")
+    (folder / "config.json").write_text(json.dumps({"class_names": list(CLASS_NAMES)}))
+    from PIL import Image
+    Image.new("L", (28, 28)).save(tmp / "item.png")
+    return ["predict", "--onnx", "--checkpoint", str(folder), str(tmp / "item.png")]
+
+
+# An ONNX graph that is not an export's: case name -> (its signature, words of the message).
+ONNX_CASES = {
+    "onnx_wrong_input_name": ({"input_name": "pixels"}, "takes pixels tensor(uint8)"),
+    "onnx_wrong_input_dtype": ({"dtype": "float"}, "takes images tensor(float)"),
+    "onnx_28_outputs_for_10_classes": ({"classes": 28}, "gives logits ['batch', 28], not one output of [batch, 10]"),
+}
+for name, (signature, words) in ONNX_CASES.items():
+    CASES[name] = lambda tmp, data_dir, run_dir, signature=signature, words=words: (onnx_folder(tmp, **signature),
+                                                                                    words)
 
 
 @pytest.mark.parametrize("name", list(CASES))
