@@ -1,0 +1,94 @@
+"""The accurate preset on 1 and on 2 processes with one --global-batch-size: the same test accuracy, within 2 points.
+
+Trains launch/configs/accurate.yaml on the shipped real Fashion-MNIST sample (3,000 train / 615 test images) for
+3 epochs at 64 px, model width 0.5, global batch 64, once in one process and once as a 2-process DDP job on the CPU
+(`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`), and compares their test accuracies. With
+--global-batch-size the two runs take the same optimizer steps over the same samples in the same order (each
+process gets half of every batch); what differs is the dropout stream of each process and the order of the
+floating-point sums, so the weights drift apart a little, and the accuracies must agree to within --tolerance.
+
+    python scripts/process_count_accuracy.py                   # seed 0; exit 1 when the gap exceeds the tolerance
+    python scripts/process_count_accuracy.py --seeds 0 1 2 --json process_count.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A free TCP port for the job's rendezvous (the default 29500 may be taken by another job on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(processes: int, run_dir: Path, args: argparse.Namespace, seed: int) -> tuple[float, float]:
+    """(test accuracy, seconds) of one run."""
+    options = ["train", "--config", str(REPO / "launch" / "configs" / "accurate.yaml"), "--dataset",
+               "fashion-mnist-sample", "--image-size", "64", "--model-width", str(args.model_width), "--epochs",
+               str(args.epochs), "--global-batch-size", str(args.global_batch_size), "--seed", str(seed),
+               "--no-log-figures", "--log-every", "1000", "--output-dir", str(run_dir)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    if processes == 1:
+        command = [sys.executable, "-m", "dist_alexnet.cli", *options]
+    else:  # one torch thread per process: the two share the machine's cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // processes))
+        command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(free_port()), "-m", "dist_alexnet.cli", *options]
+    print("$ " + ("ACCELERATE_USE_CPU=1 " if processes > 1 else "") + " ".join(
+        [Path(command[0]).name, *command[1:]]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
+    seconds = time.perf_counter() - started
+    return json.loads((run_dir / "metrics.json").read_text())["test_acc"], seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--model-width", type=float, default=0.5)
+    parser.add_argument("--global-batch-size", type=int, default=64)
+    parser.add_argument("--tolerance", type=float, default=0.02, help="largest accepted gap (default: %(default)g)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            one, one_s = train(1, Path(tmp) / f"one-{seed}", args, seed)
+            two, two_s = train(2, Path(tmp) / f"two-{seed}", args, seed)
+            rows.append({"seed": seed, "one_process": one, "two_processes": two, "gap": two - one,
+                         "one_process_seconds": round(one_s, 1), "two_processes_seconds": round(two_s, 1)})
+
+    print(f"\naccurate.yaml, shipped sample, {args.epochs} epochs, 64 px, width {args.model_width:g}, global batch "
+          f"{args.global_batch_size}: test accuracy (615 images)")
+    print("| seed | 1 process | 2 processes | gap | time 1 / 2 processes |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['seed']} | {row['one_process']:.4f} | {row['two_processes']:.4f} | {row['gap']:+.4f} | "
+              f"{row['one_process_seconds']:.0f} s / {row['two_processes_seconds']:.0f} s |")
+    worst = max(abs(row["gap"]) for row in rows)
+    ok = worst <= args.tolerance
+    print(f"largest gap {worst:.4f}: {'within' if ok else 'OUTSIDE'} the tolerance of {args.tolerance:g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "tolerance": args.tolerance, "within": ok,
+                                               "epochs": args.epochs, "model_width": args.model_width,
+                                               "global_batch_size": args.global_batch_size}, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
