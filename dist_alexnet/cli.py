@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dist_alexnet import __version__
 from dist_alexnet.config import DATA_OPTIONS, ConfigError, add_arguments, config_from_args
-from dist_alexnet.errors import EXIT_CODES
+from dist_alexnet.errors import EXIT_CODES, Interrupted
 from dist_alexnet.preemption import PreemptionFlag
 
 # Errors that end the command with one clear line (and their exit code), no traceback.
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside training, or the second one during it (the first saves and stops)
         if getattr(args, "debug", False):
             raise
-        return report_error(InterruptedError("interrupted (Ctrl-C): stopped at once; a training run continues "
-                                             "from its newest complete checkpoint with --resume auto"), 130)
+        return report_error(Interrupted("interrupted (Ctrl-C): stopped at once; a training run continues from its "
+                                        "newest complete checkpoint with --resume auto"), EXIT_CODES[Interrupted])
 
 
 def report_error(err: Exception, code: int) -> int:

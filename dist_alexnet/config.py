@@ -129,6 +129,8 @@ class TrainConfig:
                                       "holding newer checkpoints, move the old run's checkpoints, events and results "
                                       "to <output-dir>/old-<time>/ instead of refusing")
     log_every: int = _opt(50, "optimizer steps between log lines and TensorBoard points")
+    tracker_timeout: float = _opt(30.0, "seconds MLflow or W&B may take to answer while their run starts; one that "
+                                  "does not stops the run with one line naming where it was to write")
     report_to: str = _opt("tensorboard", "where the training figures go: tensorboard, mlflow, wandb, all or none, "
                           "or a comma list (mlflow and wandb are extras: pip install 'dist-alexnet[mlflow]')")
     profile_steps: str | None = _opt(None, "A:B: profile optimizer steps A to B with torch.profiler on every rank; "
@@ -176,6 +178,8 @@ class TrainConfig:
         need(not self.collective_timeout > MAX_COLLECTIVE_TIMEOUT,
              f"--collective-timeout must be at most {MAX_COLLECTIVE_TIMEOUT:g} s (about 31 years; the process "
              f"group's clock counts nanoseconds in 64 bits) (got {self.collective_timeout:g})")
+        need(0 < self.tracker_timeout <= 300, f"--tracker-timeout must be in (0, 300] seconds (got "
+                                              f"{self.tracker_timeout:g})")
         need(self.checkpoint_minutes is None or self.checkpoint_minutes > 0,
              f"--checkpoint-minutes must be positive (got {self.checkpoint_minutes})")
         need(0 < self.model_width <= 4, f"--model-width must be in (0, 4] (got {self.model_width})")
@@ -443,7 +447,7 @@ REFUSED_ON_RESUME = {
 }
 # --seed orders every epoch: changed inside one, some samples would be seen twice and others never
 REFUSED_MID_EPOCH = {"seed": "the rest of the epoch would be drawn in another order (samples seen twice or never)"}
-SILENT_ON_RESUME = ("resume", "move_old_checkpoints")  # how this launch starts, not how the run trains
+SILENT_ON_RESUME = ("resume", "move_old_checkpoints", "tracker_timeout")  # how this launch starts, not the run
 
 
 def resume_changes(saved: dict, cfg: TrainConfig, mid_epoch: bool, checkpoint) -> list[str]:

@@ -40,10 +40,15 @@ class CollectiveFailed(RuntimeError):
     """A collective with the other ranks failed or timed out: another rank died, hung or was stopped."""
 
 
+class Interrupted(RuntimeError):
+    """A stop signal that could not wait for the next training step (a second Ctrl-C, or a preemption signal
+    while the trackers were starting): the command ended at once, without a new checkpoint."""
+
+
 class ExportError(RuntimeError):
     """An export that would not do what it says (its ONNX graph does not match the model)."""
 
 
 # exit code of each: 2 is what the user handed us, the others say what happened to the run
 EXIT_CODES = {ConfigError: 2, DataError: 2, CheckpointError: 2, ReportError: 2, TrainingDiverged: 3,
-              CollectiveFailed: 4, ExportError: 5, RankFailed: 1}
+              CollectiveFailed: 4, ExportError: 5, RankFailed: 1, Interrupted: 130}

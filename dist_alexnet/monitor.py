@@ -14,8 +14,11 @@ again (an exact resume recomputes the same values).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
+import os
 import threading
 import time
 import uuid
@@ -24,10 +27,11 @@ from pathlib import Path
 from dist_alexnet.checkpoint import write_atomically
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
-from dist_alexnet.errors import ConfigError, first_line
+from dist_alexnet.errors import ConfigError, Interrupted, first_line
 from dist_alexnet.figures import (CHANCE_ACC, CHANCE_LOSS, class_accuracy_figure, confusion_matrix_figure,
                                   misclassified_figure, to_rgb)
 from dist_alexnet.inputs import training_input
+from dist_alexnet.preemption import requeue_slurm_job, should_requeue, stop_at_once_on_preemption
 from dist_alexnet.provenance import launch_command
 
 # The metrics shown next to the configuration in TensorBoard's HPARAMS tab (the last value of each).
@@ -105,40 +109,149 @@ def wait_to_sort_after_earlier_events(folder: Path) -> None:
 TRACKER_STATE = "trackers.json"
 
 
-def open_trackers(accelerator, cfg, run_dir: Path, start_step: int) -> None:
+def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -> None:
     """Start the trackers --report-to names, on rank 0 (Accelerate starts none elsewhere); a run that resumes
-    (start_step > 0) continues their runs. Every rank calls it."""
+    (start_step > 0) continues their runs. Every rank calls it. A tracker that does not answer within
+    --tracker-timeout stops the run with one line naming where it was to write; so does a preemption signal
+    meanwhile (waiting for the first training step could take that long)."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
-    saved = read_tracker_state(run_dir) if start_step else {}
-    trackers = []
-    for name in cfg.trackers():
+    names = cfg.trackers()
+    main = accelerator.is_main_process
+    saved = read_tracker_state(run_dir, log if main and set(names) - {"tensorboard"} else None) if start_step else {}
+    abandoned = abandoned_history(saved, cfg, accelerator.num_processes, start_step)
+    if abandoned:  # TensorBoard purges those steps; MLflow and W&B cannot, so they continue in new runs
+        if main and set(names) - {"tensorboard"}:
+            log(f"note: the MLflow/W&B runs of this directory hold steps up to {saved['last_step']} trained with "
+                f"other options ({abandoned}); resumed from step {start_step}, this launch continues in new runs of "
+                f"theirs (MLflow's starts with the old run's steps up to {start_step}); the old runs stay as they were")
+        saved = {"continues": {key: value for key, value in saved.items() if key.endswith("_run_id")}}
+    trackers, where = [], {}
+    for name in names:
         if name == "tensorboard":  # events in <run_dir>/tensorboard
             purge = {"purge_step": start_step + 1} if start_step else {}
             trackers.append(TensorBoardTracker("tensorboard", run_dir, **purge))
-        elif name == "mlflow":  # the tracking server or store of MLFLOW_TRACKING_URI, else MLflow's default
+        elif name == "mlflow":
+            where["mlflow"] = mlflow_tracking_uri(run_dir, log if accelerator.is_main_process else None)
             trackers.append(MLflowTracker("dist-alexnet", run_id=saved.get("mlflow_run_id"), run_name=run_dir.name))
         elif name == "wandb":  # WANDB_MODE=offline keeps it on disk, in <run_dir>/wandb
+            import wandb
+
+            where["wandb"] = (f"{run_dir / 'wandb'} (offline)" if os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+                              else os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
             trackers.append(WandBTracker("dist-alexnet", id=saved.get("wandb_run_id") or uuid.uuid4().hex[:12],
-                                         resume="allow", dir=str(run_dir), name=run_dir.name))
+                                         resume="allow", dir=str(run_dir), name=run_dir.name,
+                                         settings=wandb.Settings(init_timeout=cfg.tracker_timeout)))
     accelerator.log_with = trackers
 
     def start():
         try:
-            accelerator.init_trackers("dist-alexnet")
-        except Exception as err:  # the trackers' own errors: a store that refuses, a bad URI, no login
-            raise ConfigError(f"--report-to {cfg.report_to}: a tracker could not start ({type(err).__name__}: "
-                              f"{first_line(err)})") from None
+            with stop_at_once_on_preemption("the trackers were starting"), mlflow_request_limits(cfg.tracker_timeout):
+                accelerator.init_trackers("dist-alexnet")
+                old_run = saved.get("continues", {}).get("mlflow_run_id")
+                if old_run and "mlflow" in names:
+                    copy_mlflow_history(old_run, accelerator.get_tracker("mlflow", unwrap=False), start_step)
+        except Interrupted:
+            if should_requeue(cfg):
+                requeue_slurm_job(log)
+            raise
+        except Exception as err:  # the trackers' own errors: a store that refuses, a bad URI, no answer, no login
+            targets = ", ".join(f"{name} at {uri}" for name, uri in where.items())
+            raise ConfigError(f"--report-to {cfg.report_to}: a tracker could not start ({targets}; "
+                              f"{type(err).__name__}: {first_line(err, 200)}); check that it is reachable (each "
+                              f"request may take --tracker-timeout {cfg.tracker_timeout:g} s), or leave it out of "
+                              f"--report-to") from None
 
     on_main_process(accelerator, start, "starting the trackers")
 
 
-def read_tracker_state(run_dir: Path) -> dict:
+# Options that change nothing the trackers are sent: a resume with other values of these recomputes the same
+# figures, so MLflow and W&B keep the steps they already have.
+NOT_IN_THE_HISTORY = ("resume", "move_old_checkpoints", "tracker_timeout", "max_steps", "output_dir", "report_to",
+                      "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "requeue_on_preempt",
+                      "collective_timeout", "log_figures", "profile_steps", "data_dir", "download", "num_workers")
+
+
+def history_options(cfg, world_size: int) -> dict:
+    """What the figures sent to the trackers depend on: the options (less NOT_IN_THE_HISTORY) and the processes."""
+    options = {key: value for key, value in cfg.to_dict().items() if key not in NOT_IN_THE_HISTORY}
+    return {**options, "world_size": world_size}
+
+
+def abandoned_history(saved: dict, cfg, world_size: int, start_step: int) -> str | None:
+    """Whether the trackers hold steps past `start_step` that this launch will not recompute as they are (it trains
+    them with other options): the options that differ, named; None when the steps they hold stay true."""
+    if start_step >= saved.get("last_step", 0):
+        return None
+    before, now = saved.get("history_of"), history_options(cfg, world_size)
+    if not isinstance(before, dict):
+        return "not recorded"
+    changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in now.items() if before.get(key) != value]
+    return ", ".join(changed) or None
+
+
+def copy_mlflow_history(old_run_id: str, tracker, last_step: int) -> None:
+    """The new MLflow run starts with the old run's metrics up to `last_step`, so that its history is the run's."""
+    from mlflow.tracking import MlflowClient
+
+    client, new_run_id = MlflowClient(), tracker.active_run.info.run_id
+    for key in client.get_run(old_run_id).data.metrics:
+        points = [m for m in client.get_metric_history(old_run_id, key) if m.step <= last_step]
+        for start in range(0, len(points), 1000):  # MLflow's batch limit
+            client.log_batch(new_run_id, metrics=points[start:start + 1000])
+    client.set_tag(new_run_id, "dist_alexnet.continues_run", old_run_id)
+
+
+def mlflow_tracking_uri(run_dir: Path, log) -> str:
+    """Where MLflow writes: MLFLOW_TRACKING_URI, else a database in the run directory (MLflow's own default
+    would be ./mlflow.db in whatever directory the job started in). `log` (rank 0) says which."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    database = Path(run_dir).resolve() / "mlflow.db"
+    uri = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{database}"
+    if log:
+        log(f"MLflow: no MLFLOW_TRACKING_URI, so the run goes into {database} (see it with `mlflow ui "
+            f"--backend-store-uri {uri}`)")
+    return uri
+
+
+@contextlib.contextmanager
+def mlflow_request_limits(timeout: float):
+    """While the trackers start: each MLflow request waits at most `timeout` seconds and is not retried (MLflow's
+    defaults, 120 s and 7 retries with backoff, take 4.5 minutes to give up on a server that is down). Training's
+    own requests keep MLflow's retries."""
+    limits = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    before = {name: os.environ.get(name) for name in limits}
+    os.environ.update(limits)
     try:
-        state = json.loads((Path(run_dir) / TRACKER_STATE).read_text())
-    except (OSError, ValueError):
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def read_tracker_state(run_dir: Path, log=None) -> dict:
+    """trackers.json, or {} when there is none; one that cannot be read is said (`log`, rank 0): the resumed run's
+    MLflow and W&B figures then go to new runs of theirs."""
+    path = Path(run_dir) / TRACKER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
-    return state if isinstance(state, dict) else {}
+    except (OSError, ValueError) as err:
+        state, problem = None, f"it cannot be read ({first_line(err, 120)})"
+    else:
+        problem = "it does not hold a mapping"
+    if isinstance(state, dict):
+        return state
+    if log:
+        log(f"warning: {path} is damaged ({problem}): the MLflow and W&B runs this run was sending to are not known, "
+            f"so this launch starts new ones (the old ones keep the figures up to the interruption)")
+    return {}
 
 
 def make_monitor(accelerator, cfg, effective: dict, start_step: int, run_dir: Path, log=print):
@@ -319,20 +432,23 @@ class Monitor:
             self._save_tracker_state()
 
     def _record_trackers(self, start_step: int) -> dict:
-        """trackers.json: the MLflow and W&B run ids, and the last step they were sent; the configuration goes to
-        a tracker run once, when it starts."""
+        """trackers.json: the MLflow and W&B run ids, the last step they were sent and the options their figures
+        were computed with (history_options); the configuration goes to a tracker run once, when it starts."""
         if not self.others:
             return {}
         state = read_tracker_state(self.run_dir) if start_step else {}
+        started = []  # trackers whose run began with this launch (open_trackers gave them no saved id)
         for tracker in self.others:
-            if tracker.name == "mlflow":
-                state["mlflow_run_id"] = tracker.active_run.info.run_id
-            elif tracker.name == "wandb":
-                state["wandb_run_id"] = tracker.run.id
-            if not start_step:
+            run_id = tracker.active_run.info.run_id if tracker.name == "mlflow" else tracker.run.id
+            if state.get(f"{tracker.name}_run_id") != run_id:
+                started.append(tracker.name)
                 tracker.store_init_configuration({**self.cfg.to_dict(), **{f"effective_{k}": v
                                                                            for k, v in self.effective.items()}})
+            state[f"{tracker.name}_run_id"] = run_id
+        if len(started) == len(self.others):  # new runs only: they have nothing past the step the run starts from
+            state["last_step"] = start_step
         state.setdefault("last_step", start_step)
+        state["history_of"] = history_options(self.cfg, self.accelerator.num_processes)
         self.tracker_state = state
         self._save_tracker_state()
         return state

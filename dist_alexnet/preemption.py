@@ -8,9 +8,12 @@ checkpoint and exit; inside a Slurm job rank 0 then requeues the job, which resu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+
+from dist_alexnet.errors import Interrupted
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -19,23 +22,57 @@ class PreemptionFlag:
     """Within `with PreemptionFlag() as preemption:`, notes that SIGTERM, SIGUSR1 or SIGINT arrived
     (preemption.received: the signal's name); the previous handlers come back on exit."""
 
+    active: PreemptionFlag | None = None  # the flag of the command running in this process
+
     def __init__(self):
         self.received: str | None = None
+        self.doing: str | None = None  # set-up work a signal interrupts at once (stop_at_once_on_preemption)
         self._previous = {}
+        self._outer: PreemptionFlag | None = None
 
     def __enter__(self) -> PreemptionFlag:
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._outer, PreemptionFlag.active = PreemptionFlag.active, self
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+        if self.doing:
+            raise self.interrupted()
+
+    def interrupted(self) -> Interrupted:
+        return Interrupted(f"stopped by {self.received} while {self.doing}, before training went on: nothing new to "
+                           f"save; continue with --resume auto")
 
     def __exit__(self, *exc) -> None:
+        PreemptionFlag.active = self._outer
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def stop_at_once_on_preemption(doing: str):
+    """Within it, a preemption signal raises Interrupted at once instead of waiting for the next training step:
+    for set-up work that can block far longer than a step (a tracker server that does not answer). `doing`
+    names the work in the message."""
+    flag = PreemptionFlag.active
+    if flag is None:
+        yield
+        return
+    flag.doing = doing
+    try:
+        if flag.received:  # it came earlier in the set-up
+            raise flag.interrupted()
+        yield
+    except Exception as err:
+        if flag.received and not isinstance(err, Interrupted):  # a library wrapped it in an error of its own
+            raise flag.interrupted() from None
+        raise
+    finally:
+        flag.doing = None
 
 
 def should_requeue(cfg, env=os.environ) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import stat
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from dist_alexnet.checkpoint import list_checkpoints
-from tests.helpers import REPO, run, start, stop, tiny_args, wait_for_line
+from tests.helpers import REPO, cpu_env, run, scalars, start, stop, tiny_args, wait_for_line
 
 
 def one_error_line(result, words: str, alone: bool = False) -> None:
@@ -151,3 +152,99 @@ def test_a_second_ctrl_c_ends_at_once_without_a_traceback(tmp_path, data_dir):
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out
     assert "dist-alexnet: error: interrupted (Ctrl-C): stopped at once" in out
+
+
+# ----------------------------------------------------------------------------- the trackers
+
+def mlflow_scalars(uri: str, run_id: str, tag: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, tag))
+
+
+def interrupted_after_logging(data_dir, run_dir, env, *extra):
+    """A run that logged steps 4, 8 and 12 but whose last checkpoint is step 8: as if killed after step 12."""
+    run(tiny_args(data_dir, run_dir, "--max-steps", "12", "--checkpoint-every", "8", "--report-to",
+                  "tensorboard,mlflow", *extra), env=env)
+    shutil.rmtree(run_dir / "checkpoints" / "step_000012")
+
+
+@pytest.mark.parametrize("changed", [[], ["--lr", "3e-4"]], ids=["same options", "another lr"])
+def test_mlflow_shows_tensorboards_history_after_a_resume(tmp_path, data_dir, changed):
+    """Steps 9-12 retrained: with the same options they are the same figures (MLflow keeps its run); with another
+    learning rate MLflow continues in a new run that starts with the old one's steps up to 8."""
+    uri, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    env = cpu_env(MLFLOW_TRACKING_URI=uri)
+    interrupted_after_logging(data_dir, run_dir, env)
+    first_id = json.loads((run_dir / "trackers.json").read_text())["mlflow_run_id"]
+    resumed = run(tiny_args(data_dir, run_dir, "--max-steps", "16", "--report-to", "tensorboard,mlflow", *changed),
+                  env=env)
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow_run_id"]
+    assert (run_id == first_id) == (not changed), resumed.stdout
+    for tag in ("train/loss", "train/lr"):
+        board = scalars(run_dir, tag)
+        assert [s for s, _ in board] == [4, 8, 12, 16]
+        tracked = mlflow_scalars(uri, run_id, tag)
+        assert [s for s, _ in tracked] == [4, 8, 12, 16], tag  # each step once
+        assert [v for _, v in tracked] == pytest.approx([v for _, v in board], rel=1e-6), tag
+    if changed:
+        assert "continues in new runs" in resumed.stdout
+
+
+def test_mlflow_without_a_tracking_uri_writes_into_the_run_directory_and_says_so(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    env = cpu_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = run(tiny_args(data_dir, run_dir, "--max-steps", "4", "--report-to", "mlflow"), env=env, cwd=tmp_path)
+    assert f"the run goes into {run_dir.resolve() / 'mlflow.db'}" in result.stdout
+    assert (run_dir / "mlflow.db").is_file() and not (tmp_path / "mlflow.db").exists()
+
+
+class SilentServer:
+    """A TCP port that accepts connections and never answers: a tracking server that hangs."""
+
+    def __enter__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        return self
+
+    def connected(self, timeout: float = 60) -> None:
+        """Until a client connected (the run is starting its trackers)."""
+        self.socket.settimeout(timeout)
+        self.client = self.socket.accept()[0]
+
+    def __exit__(self, *exc):
+        self.socket.close()
+
+
+def test_an_unreachable_mlflow_server_is_one_line_naming_it_within_the_timeout(tmp_path, data_dir):
+    with SilentServer() as server:
+        started = time.perf_counter()
+        result = run(tiny_args(data_dir, tmp_path / "run", "--max-steps", "4", "--report-to", "mlflow",
+                               "--tracker-timeout", "2"), env=cpu_env(MLFLOW_TRACKING_URI=server.uri), check=False)
+        took = time.perf_counter() - started
+    one_error_line(result, f"a tracker could not start (mlflow at {server.uri};")
+    assert took < 30, took  # MLflow's own retries took 4.5 minutes
+
+
+def test_a_preemption_signal_while_the_trackers_start_stops_the_run(tmp_path, data_dir):
+    with SilentServer() as server:
+        proc = start(tiny_args(data_dir, tmp_path / "run", "--max-steps", "4", "--report-to", "mlflow"),
+                     env=cpu_env(MLFLOW_TRACKING_URI=server.uri))
+        try:
+            server.connected()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=20)  # not --tracker-timeout's 30 s
+        finally:
+            stop(proc)
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopped by SIGTERM while the trackers were starting" in out and "Traceback" not in out
+
+
+def test_a_damaged_trackers_json_is_said(tmp_path, data_dir):
+    uri, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    env = cpu_env(MLFLOW_TRACKING_URI=uri)
+    run(tiny_args(data_dir, run_dir, "--max-steps", "4", "--report-to", "mlflow"), env=env)
+    (run_dir / "trackers.json").write_text('{"mlflow_run_id": ')
+    result = run(tiny_args(data_dir, run_dir, "--max-steps", "8", "--report-to", "mlflow"), env=env)
+    assert f"warning: {run_dir / 'trackers.json'} is damaged" in result.stdout
