@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "newest complete checkpoint with --resume auto"), EXIT_CODES[Interrupted])
 
 
+        finish_exiting_when_the_launcher_stops_us()
 def report_error(err: Exception, code: int) -> int:
     """One `dist-alexnet: error:` line per line of the message; returns the exit code."""
     lines = str(err).splitlines() or [type(err).__name__]
@@ -295,6 +298,14 @@ def report_error(err: Exception, code: int) -> int:
     sys.stderr.write("".join(f"dist-alexnet: error: {line}\n" for line in lines))
     sys.stderr.flush()
     return code
+
+def finish_exiting_when_the_launcher_stops_us() -> None:
+    """In a job of several processes every rank stops with the same one-line error, and the launcher sends SIGTERM
+    to the ranks still running as soon as the first has exited: a rank caught in its own (slow) interpreter
+    shutdown would die of that signal instead of exiting with the error's code. It finishes exiting instead."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 
 
 if __name__ == "__main__":

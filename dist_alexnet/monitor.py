@@ -496,20 +496,44 @@ class Monitor:
         self.writer.flush()
 
     def _check_chance_level(self, step: int, epoch: int, values: dict) -> None:
-        """Warn once when, after the first epoch, the model is still at chance: accuracy near 10% and a loss
-        at or above ln 10, the loss of a uniform guess (what Adam with lr 1e-2 did in the reference
-        tutorial; a far larger loss means the weights blew up). Non-finite losses stop training instead."""
+        """Warn once when, after the first epoch, the model is still at chance: accuracy within 5 points of 10% and
+        a loss within STUCK_LOSS_MARGIN of ln 10 or above (ln 10 is the loss of a uniform guess: what Adam with lr
+        1e-2 did in the reference tutorial; a far larger loss means the weights blew up). Non-finite losses stop
+        training instead."""
         loss, acc = values["train/loss"], values["train/acc"]
-        if self.warned_chance or epoch < 1 or abs(acc - CHANCE_ACC) >= 0.05 or loss < CHANCE_LOSS - 0.1:
+        if (self.warned_chance or epoch < 1 or abs(acc - CHANCE_ACC) >= 0.05
+                or loss < CHANCE_LOSS - STUCK_LOSS_MARGIN):
             return
         self.warned_chance = True
-        lr = values.get("train/lr", self.cfg.lr)
         message = (f"WARNING: training diverged or is stuck at chance: after {epoch} epoch(s) accuracy is "
                    f"{acc:.1%} (chance: 10%) and the training loss {loss:.4g} (a uniform guess: ln 10 = "
-                   f"{CHANCE_LOSS:.3f}). Likely cause: the learning rate is too high for Adam (--lr {lr:g}); "
-                   f"the reference run uses 1e-3: try 1e-3 or lower.")
+                   f"{CHANCE_LOSS:.3f}). {stuck_advice(self.cfg.optimizer, values.get('train/lr', self.cfg.lr))}")
         self.log(message)
         self.text("warnings/divergence", message, step)
+
+
+# A run stuck at chance: its training loss is this close to ln 10 or above (a run that learns, however slowly, is
+# further below within the first epoch; one stuck measures 2.30 give or take 0.005 per --log-every window).
+STUCK_LOSS_MARGIN = 0.01
+# The learning rates each optimizer usually trains AlexNet with (the reference run: Adam at 1e-3; the accurate preset:
+# AdamW at 1.4e-3 before its sqrt scaling): above, a run stuck at chance most likely diverged; below, it barely moved.
+USUAL_LR = {"adam": (1e-4, 3e-3), "adamw": (1e-4, 5e-3), "sgd": (1e-3, 0.5)}
+OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+
+
+def stuck_advice(optimizer: str, lr: float) -> str:
+    """What to try for a run stuck at chance, from its learning rate (the one of its last step)."""
+    low, high = USUAL_LR[optimizer]
+    name, reference = OPTIMIZER_NAMES[optimizer], "1e-3" if optimizer != "sgd" else "0.01 to 0.1"
+    if lr > high:
+        return (f"Likely cause: the learning rate is too high for {name} (--lr {lr:g}); try {reference} "
+                f"(the reference run uses Adam at 1e-3) or lower.")
+    if lr < low:
+        return (f"Likely cause: the learning rate is very low for {name} (--lr {lr:g}): the weights barely move; "
+                f"try {reference} (the reference run uses Adam at 1e-3).")
+    return (f"The learning rate (--lr {lr:g}) is in {name}'s usual range, so lowering it is unlikely to help: check "
+            f"the labels and the inputs (TensorBoard's inputs/train_batch), --label-smoothing and --dropout, or train "
+            f"longer.")
 
 
 def _code(text: str) -> str:

@@ -248,3 +248,47 @@ def test_a_damaged_trackers_json_is_said(tmp_path, data_dir):
     (run_dir / "trackers.json").write_text('{"mlflow_run_id": ')
     result = run(tiny_args(data_dir, run_dir, "--max-steps", "8", "--report-to", "mlflow"), env=env)
     assert f"warning: {run_dir / 'trackers.json'} is damaged" in result.stdout
+
+
+# ----------------------------------------------------------------------------- the divergence warning
+
+def chance_warnings(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("WARNING: training diverged")]
+
+
+def test_the_divergence_warning_keeps_to_the_readmes_rule_and_its_advice_fits_the_run(tmp_path, data_dir):
+    """The default run's loss is 2.29 after one epoch and learning: no warning (it fired at 2.285). Stuck at 2.30
+    with a learning rate far too low: advice to raise it, not to lower it."""
+    learning = run(tiny_args(data_dir, tmp_path / "default", "--epochs", "2"))
+    assert chance_warnings(learning) == [], learning.stdout
+    stuck = run(tiny_args(data_dir, tmp_path / "low", "--epochs", "2", "--lr", "1e-6"))
+    warnings = chance_warnings(stuck)
+    assert len(warnings) == 1, stuck.stdout
+    assert "the learning rate is very low for Adam (--lr 1e-06)" in warnings[0] and "lower" not in warnings[0]
+
+
+@pytest.mark.parametrize("optimizer, lr, words", [
+    ("adam", 1e-2, "too high for Adam (--lr 0.01)"),
+    ("adam", 5e-4, "in Adam's usual range, so lowering it is unlikely to help"),
+    ("sgd", 1e-5, "very low for SGD"),
+    ("sgd", 2.0, "too high for SGD"),
+])
+def test_the_advice_for_a_run_at_chance_follows_its_optimizer_and_learning_rate(optimizer, lr, words):
+    from dist_alexnet.monitor import stuck_advice
+
+    assert words in stuck_advice(optimizer, lr)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [["--batch-size", "5000"], ["--global-batch-size", "33", "--grad-accum", "2"],
+                                 ["--batch-size", "16", "--epochs", "1", "--profile-steps", "10:40"]],
+                         ids=["batch", "global batch", "profile"])
+def test_bad_input_on_two_processes_ends_every_rank_with_exit_code_2(tmp_path, data_dir, bad):
+    """The launcher stops the other rank once one has exited; it must still exit 2 (it died of that SIGTERM, or of
+    SIGABRT in its process group's threads, in about one run of two)."""
+    result = run(tiny_args(data_dir, tmp_path / "run", *bad), processes=2, check=False)
+    codes = [line.split(":", 1)[1].split()[0] for line in result.stderr.splitlines() if line.strip().startswith("exitcode")]
+    assert codes == ["2", "2"], result.stderr[-3000:]
+    assert len([line for line in result.stderr.splitlines() if line.startswith("dist-alexnet: error:")]) == 2
