@@ -376,6 +376,14 @@ def scaling_problems(args) -> list[str]:
     if args.threads_per_process is not None and args.threads_per_process < 1:
         problems.append(f"--threads-per-process must be >= 1 (got {args.threads_per_process})")
     problems += [f"--ddp-bucket-mb must be >= 1 (got {mb})" for mb in args.ddp_bucket_mb if mb < 1]
+    if args.global_batch_size is not None and (args.global_batch_size < 1 or args.global_batch_size % args.processes):
+        problems.append(f"--global-batch-size {args.global_batch_size} must be a positive multiple of --processes "
+                        f"{args.processes}")
+    if args.processes == 1 and (args.global_batch_size or args.parallelism != ["ddp"] or args.tensor_parallel_size):
+        problems.append("--global-batch-size, --parallelism and --tensor-parallel-size are for --processes N > 1")
+    tp = args.tensor_parallel_size or args.processes
+    if "hybrid" in args.parallelism and (tp < 1 or args.processes % tp):
+        problems.append(f"--tensor-parallel-size {tp} must divide --processes {args.processes}")
     if args.processes > 1 and args.device != "cpu" and torch.cuda.is_available() \
             and torch.cuda.device_count() < args.processes:
         problems.append(f"--processes {args.processes}: only {torch.cuda.device_count()} GPUs here (--device cpu "

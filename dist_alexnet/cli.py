@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "measured one after the other (default: none)")
     bench.add_argument("--ddp-bucket-mb", nargs="+", type=int, default=[25],
                        help="with --processes: DDP bucket sizes to measure (default: 25)")
+    bench.add_argument("--parallelism", nargs="+", choices=("ddp", "hybrid"), default=["ddp"],
+                       help="with --processes: the parallelisms to measure, one after the other (default: ddp)")
+    bench.add_argument("--tensor-parallel-size", type=int, default=None,
+                       help="with --parallelism hybrid: ranks that split the classifier (default: all processes)")
+    bench.add_argument("--global-batch-size", type=int, default=None,
+                       help="with --processes: strong scaling: this many images per step over all processes (each "
+                            "gets global / N), against one process at the whole batch (default: weak scaling, "
+                            "--batch-size per process)")
     bench.set_defaults(run=run_benchmark)
 
     scaling = commands.add_parser("scaling-model", parents=[debug],

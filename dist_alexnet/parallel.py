@@ -81,6 +81,7 @@ class DataParallel:
     """--parallelism ddp: the whole model on every rank; Accelerate's DDP does everything."""
     name = "ddp"
     tensor_parallel_size = 1
+    sharded: tuple[str, ...] = ()  # the parameters each rank holds a part of
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
@@ -130,6 +131,7 @@ class HybridParallel(DataParallel):
     """--parallelism hybrid: data-parallel convolutions, the classifier tensor-parallel over groups of
     tensor_parallel_size ranks (consecutive ranks: the processes of a node) and data-parallel across groups."""
     name = "hybrid"
+    sharded = tuple(SHARDED)
 
     def __init__(self, accelerator, tensor_parallel_size: int):
         super().__init__(accelerator)

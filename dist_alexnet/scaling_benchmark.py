@@ -50,26 +50,36 @@ def run_scaling(args, cfg) -> dict:
     """Launch one N-process run per variant and gather rank 0's results."""
     from dist_alexnet.config import resolve_mixed_precision
 
-    variants = [(hook, bucket) for hook in args.ddp_comm_hook for bucket in args.ddp_bucket_mb]
+    variants = [(parallelism, hook, bucket) for parallelism in args.parallelism for hook in args.ddp_comm_hook
+                for bucket in args.ddp_bucket_mb]
     threads = args.threads_per_process or max(1, (os.cpu_count() or 1) // args.processes)
+    strong = args.global_batch_size is not None
+    per_process = args.global_batch_size // args.processes if strong else cfg.batch_size
     results = {"processes": args.processes, "threads_per_process": threads, "image_size": cfg.image_size,
-               "batch_size_per_process": cfg.batch_size, "model_width": cfg.model_width,
-               "mixed_precision": resolve_mixed_precision(cfg), "steps": args.steps, "windows": args.windows,
-               "warmup": args.warmup, "variants": []}
-    for hook, bucket in variants:
-        print(f"measuring {args.processes} processes, --ddp-comm-hook {hook}, --ddp-bucket-mb {bucket} ...",
-              flush=True)
-        results["variants"].append(launch_variant(args, cfg, hook, bucket, threads))
+               "scaling": "strong" if strong else "weak", "global_batch_size": args.global_batch_size,
+               "batch_size_per_process": per_process, "solo_batch_size": args.global_batch_size or cfg.batch_size,
+               "model_width": cfg.model_width, "mixed_precision": resolve_mixed_precision(cfg), "steps": args.steps,
+               "windows": args.windows, "warmup": args.warmup, "variants": []}
+    for parallelism, hook, bucket in variants:
+        print(f"measuring {args.processes} processes, --parallelism {parallelism}, --ddp-comm-hook {hook}, "
+              f"--ddp-bucket-mb {bucket} ...", flush=True)
+        results["variants"].append(launch_variant(args, cfg, parallelism, hook, bucket, threads, per_process,
+                                                  results["solo_batch_size"]))
     return results
 
 
-def launch_variant(args, cfg, hook: str, bucket_mb: int, threads: int) -> dict:
+def launch_variant(args, cfg, parallelism: str, hook: str, bucket_mb: int, threads: int, batch_size: int,
+                   solo_batch_size: int) -> dict:
     from dist_alexnet.config import resolve_mixed_precision
 
     with tempfile.TemporaryDirectory(prefix="dist-alexnet-scaling-") as folder:
         out = Path(folder) / RANK0_SUMMARY
-        worker_args = ["--out", str(out), "--hook", hook, "--bucket-mb", str(bucket_mb), "--threads", str(threads),
-                       "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size),
+        tensor_parallel = ["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size \
+            else []
+        worker_args = ["--out", str(out), "--parallelism", parallelism, *tensor_parallel, "--hook", hook,
+                       "--bucket-mb", str(bucket_mb), "--threads", str(threads),
+                       "--image-size", str(cfg.image_size), "--batch-size", str(batch_size),
+                       "--solo-batch-size", str(solo_batch_size),
                        "--model-width", str(cfg.model_width), "--mixed-precision", resolve_mixed_precision(cfg),
                        "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
                        "--seed", str(cfg.seed)]
@@ -101,33 +111,50 @@ def cuda_available() -> bool:
 
 def format_scaling(r: dict) -> str:
     n = r["processes"]
+    batch = (f"global batch {r['global_batch_size']} ({r['batch_size_per_process']} per process; 1 process at "
+             f"{r['solo_batch_size']}): strong scaling" if r["scaling"] == "strong"
+             else f"batch {r['batch_size_per_process']} per process: weak scaling")
+
+    def cell(value, spec, scale=1.0, unit=""):
+        return "n/a" if value is None else f"{value * scale:{spec}}{unit}"
+
     lines = [f"dist-alexnet benchmark --processes {n} | {r['threads_per_process']} torch thread(s) per process | image "
-             f"{r['image_size']}, batch {r['batch_size_per_process']} per process, model width {r['model_width']}, "
-             f"mixed precision {r['mixed_precision']} | median of {r['windows']} windows x {r['steps']} steps",
+             f"{r['image_size']}, {batch}, model width {r['model_width']}, mixed precision {r['mixed_precision']} | "
+             f"median of {r['windows']} windows x {r['steps']} steps",
              f"{'variant':<22}{'1 proc img/s':>13}{f'{n} proc img/s':>13}{'efficiency':>11}{'no_sync eff':>12}"
-             f"{'all-reduce':>11}{'hidden':>8}{'exposed':>9}{'model':>9}{'error':>8}"]
+             f"{'MB sent':>9}{'collect.':>10}{'exposed':>9}{'state MB':>10}{'model':>8}{'error':>8}"]
     for v in r["variants"]:
-        comm = v["communication"]
-        ms = (lambda key: f"{comm[key] * 1e3:.0f} ms") if comm else (lambda key: "n/a")
-        overlap = f"{comm['overlap']:.0%}" if comm else "n/a"
-        model = v["model"]
-        lines.append(f"{v['ddp_comm_hook'] + ', ' + str(v['ddp_bucket_mb']) + ' MB':<22}"
-                     f"{v['solo_images_per_sec']:>13,.1f}{v['images_per_sec']:>13,.1f}"
-                     f"{v['weak_scaling_efficiency']:>11.3f}{v['no_sync_efficiency']:>12.3f}"
-                     f"{ms('allreduce_s'):>11}{overlap:>8}{ms('exposed_s'):>9}"
-                     f"{model['efficiency']:>9.3f}{model['step_error']:>+8.1%}")
+        collective = v["collective_s"]
+        in_collectives = None if collective["exposed"] is None else collective["exposed"] + collective["hidden"]
+        lines.append(f"{v['parallelism'] + ', ' + v['ddp_comm_hook'] + ', ' + str(v['ddp_bucket_mb']) + ' MB':<22}"
+                     f"{v['solo_images_per_sec']:>13,.1f}{v['images_per_sec']:>13,.1f}{v['efficiency']:>11.3f}"
+                     f"{cell(v['no_sync_efficiency'], '.3f'):>12}"
+                     f"{v['bytes_sent_per_step']['total'] / 1e6:>9.1f}"
+                     f"{cell(in_collectives, '.0f', 1e3, ' ms'):>10}{cell(collective['exposed'], '.0f', 1e3, ' ms'):>9}"
+                     f"{v['state_bytes_per_rank']['total'] / 1e6:>10.0f}"
+                     f"{v['model']['efficiency']:>8.3f}{v['model']['step_error']:>+8.1%}")
     lines.append("efficiency: N-process images/s / (N x 1-process images/s); no_sync: the same without the gradient "
-                 "all-reduce; hidden: the share of the all-reduce behind backward; model: the predicted efficiency "
-                 "and the error of its step time")
+                 "all-reduce (ddp); MB sent: bytes one rank sends per step (ring all-reduce, all-gather, "
+                 "reduce-scatter); collect.: time per step in collectives, exposed: the part the step waited for; "
+                 "state MB: parameters + gradients + optimizer state per rank; model: the predicted efficiency and "
+                 "the error of its step time")
     for v in r["variants"]:
         b = v["breakdown_ms"]
-        communication = (f"{b['exposed_allreduce']:+.0f} ms exposed all-reduce, "
-                         f"{b['compute_slowed_by_allreduce']:+.0f} ms compute slowed by the hidden all-reduce"
-                         if v["communication"] else "+ the all-reduce (not split: the hook sees CUDA launches only)")
-        lines.append(f"{v['ddp_comm_hook']}, {v['ddp_bucket_mb']} MB: step {v['step_s']['solo'] * 1e3:.0f} ms on 1 "
-                     f"process -> {v['step_s']['ddp'] * 1e3:.0f} ms on {n}: {b['sharing_the_machine']:+.0f} ms "
-                     f"sharing the machine (no_sync), {communication} | link "
-                     f"{v['link']['bandwidth'] / 1e9:.2f} GB/s + {v['link']['latency'] * 1e3:.2f} ms per call")
+        name = f"{v['parallelism']}, {v['ddp_comm_hook']}, {v['ddp_bucket_mb']} MB"
+        sent = ", ".join(f"{kind} {value / 1e6:.1f} MB" for kind, value in v["bytes_sent_per_step"].items()
+                         if kind != "total")
+        if b["sharing_the_machine"] is not None:
+            communication = (f"{b['sharing_the_machine']:+.0f} ms sharing the machine (no_sync), "
+                             + (f"{b['exposed_allreduce']:+.0f} ms exposed all-reduce, "
+                                f"{b['compute_slowed_by_allreduce']:+.0f} ms compute slowed by the hidden all-reduce"
+                                if b["exposed_allreduce"] is not None
+                                else "+ the all-reduce (not split: the hook sees CUDA launches only)"))
+        else:
+            communication = "(no no_sync split: " + ("strong scaling" if r["scaling"] == "strong" else
+                                                     "the classifier's collectives are part of the step") + ")"
+        lines.append(f"{name}: step {v['step_s']['solo'] * 1e3:.0f} ms on 1 process -> "
+                     f"{v['step_s'][v['parallelism']] * 1e3:.0f} ms on {n}: {communication} | sent per step: {sent} "
+                     f"| link {v['link']['bandwidth'] / 1e9:.2f} GB/s + {v['link']['latency'] * 1e3:.2f} ms per call")
     return "\n".join(lines)
 
 
@@ -256,19 +283,22 @@ def worker(opts: argparse.Namespace) -> None:
     from dist_alexnet.distributed import make_accelerator
     from dist_alexnet.model import build_model
     from dist_alexnet.optimization import make_optimizer
+    from dist_alexnet.parallel import make_parallelism
     from dist_alexnet.stats import StepStats
-    from dist_alexnet.parallel import DataParallel
     from dist_alexnet.steps import TrainStep
 
     torch.set_num_threads(opts.threads)
     cfg = TrainConfig(image_size=opts.image_size, batch_size=opts.batch_size, model_width=opts.model_width,
-                      mixed_precision=opts.mixed_precision, ddp_bucket_mb=opts.bucket_mb, seed=opts.seed).validate()
+                      mixed_precision=opts.mixed_precision, ddp_bucket_mb=opts.bucket_mb, seed=opts.seed,
+                      parallelism=opts.parallelism, tensor_parallel_size=opts.tensor_parallel_size).validate()
     accelerator = make_accelerator(cfg)  # comm hook "none" here: ours, timed, is registered below
     dev, rank, n = accelerator.device, accelerator.process_index, accelerator.num_processes
+    parallel = make_parallelism(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dev)
-    solo_model = copy.deepcopy(model) if rank == 0 else None
+    solo_model = copy.deepcopy(model) if rank == 0 else None  # the whole model, outside DDP
     solo_optimizer = make_optimizer(cfg, solo_model, cfg.lr) if solo_model is not None else None
+    model = parallel.split(model)
     optimizer = make_optimizer(cfg, model, cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     names = {p.data_ptr(): name for name, p in accelerator.unwrap_model(model).named_parameters()}
@@ -277,37 +307,76 @@ def worker(opts: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     inputs = torch.randn(cfg.batch_size, 1, cfg.image_size, cfg.image_size, generator=generator).to(dev)
     labels = torch.randint(0, 10, (cfg.batch_size,), generator=generator).to(dev)
-    train_step = TrainStep(model, optimizer, accelerator, DataParallel(accelerator), StepStats(accelerator))
+    solo_inputs = torch.randn(opts.solo_batch_size, 1, cfg.image_size, cfg.image_size, generator=generator).to(dev)
+    solo_labels = torch.randint(0, 10, (opts.solo_batch_size,), generator=generator).to(dev)
+    train_step = TrainStep(model, optimizer, accelerator, parallel, StepStats(accelerator))
 
-    solo_step = ProfiledStep(solo_model, solo_optimizer, inputs, labels, dev, accelerator.autocast) if rank == 0 \
-        else None
-    no_sync_step = ProfiledStep(model, optimizer, inputs, labels, dev, accelerator.autocast, gradient_times=False)
+    solo_step = ProfiledStep(solo_model, solo_optimizer, solo_inputs, solo_labels, dev, accelerator.autocast) \
+        if rank == 0 else None
 
     def solo():
         if solo_step is not None:
             solo_step()
 
-    def no_sync():
-        with model.no_sync():
-            no_sync_step()
+    measurements = {"solo": solo}
+    if opts.parallelism == "ddp":  # (under hybrid the classifier's collectives are part of the computation)
+        no_sync_step = ProfiledStep(model, optimizer, inputs, labels, dev, accelerator.autocast, gradient_times=False)
 
-    def ddp():
-        train_step(inputs, labels)
-
-    measurements = {"solo": solo, "no_sync": no_sync, "ddp": ddp}
-    times = time_windows(measurements, {"ddp": timer, "solo": solo_step}, accelerator, opts)
+        def no_sync():
+            with model.no_sync():
+                no_sync_step()
+        measurements["no_sync"] = no_sync
+    measurements[opts.parallelism] = lambda: train_step(inputs, labels)
+    times = time_windows(measurements, {opts.parallelism: timer, "solo": solo_step}, accelerator, opts,
+                         parallel.traffic)
     step_s = {name: statistics.median(values) for name, values in times.items()}
     communication = timer.per_step() if dev.type == "cpu" else None
+    traffic = traffic_per_step(parallel, accelerator, opts, timer, communication)
+    memory = state_bytes(accelerator.unwrap_model(model), optimizer)
     link_times = time_allreduces(accelerator)
     profile = solo_step.profile() if rank == 0 else None
     if rank == 0:
-        summary = summarize(cfg, opts, dev.type, n, step_s, times, communication, timer, link_times, profile)
+        summary = summarize(cfg, opts, dev.type, n, step_s, times, communication, timer, link_times, profile,
+                            parallel, traffic, memory)
         Path(opts.out).write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def time_windows(measurements: dict, recorders: dict, accelerator, opts) -> dict[str, list[float]]:
+def traffic_per_step(parallel, accelerator, opts, timer: BucketTimer, communication: dict | None) -> dict:
+    """Bytes this rank sent per step, by collective, as the ring algorithms send them: DDP's all-reduce of the
+    replicated gradients (from its buckets, on the wire in fp32 or the hook's half precision) and, under hybrid,
+    the classifier's all-gathers and reduce-scatters and its shards' all-reduce (counted as they ran); and the
+    seconds per step spent in collectives, exposed (the step waited) and hidden (behind backward)."""
+    from dist_alexnet.parallel import Traffic
+
+    steps = opts.windows * opts.steps
+    n = accelerator.num_processes
+    wire = 4 if opts.hook == "none" else 2
+    ddp = Traffic()
+    for bucket in timer.buckets.values():
+        ddp.sent["all-reduce"] = ddp.sent.get("all-reduce", 0.0) + 2 * (n - 1) / n * bucket["numel"] * wire
+    sent = {kind: value / steps for kind, value in parallel.traffic.sent.items()}
+    sent["all-reduce"] = sent.get("all-reduce", 0.0) + ddp.sent.get("all-reduce", 0.0)
+    blocking = parallel.traffic.wait_seconds / steps
+    exposed = blocking + communication["exposed_s"] if communication else None
+    return {"bytes_sent_per_step": {**sent, "total": sum(sent.values())},
+            "collective_s": {"exposed": exposed, "hidden": communication["hidden_s"] if communication else None,
+                             "tensor_parallel_and_shards": blocking}}
+
+
+def state_bytes(model, optimizer) -> dict:
+    """Bytes of this rank's parameters, their gradients (one per parameter during a step) and the optimizer's
+    state: what a rank holds besides activations."""
+    import torch
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    return {"parameters": params, "gradients": params, "optimizer_state": state, "total": 2 * params + state}
+
+
+def time_windows(measurements: dict, recorders: dict, accelerator, opts, traffic=None) -> dict[str, list[float]]:
     """Seconds per step of each measurement in each window (solo: rank 0's clock; the others: the slowest
     rank's), after the warm-up steps. A recorder (the bucket timer, the solo step's profile) records during its
     measurement's windows only."""
@@ -322,6 +391,8 @@ def time_windows(measurements: dict, recorders: dict, accelerator, opts) -> dict
             step()
     sync()
     accelerator.wait_for_everyone()
+    if traffic is not None:
+        traffic.reset()  # count the timed steps only
     times = {name: [] for name in measurements}
     for _ in range(opts.windows):
         for name, step in measurements.items():
@@ -363,39 +434,61 @@ def time_allreduces(accelerator, repeats: int = 3) -> dict[int, float]:
     return result
 
 
-def summarize(cfg, opts, device_type: str, n, step_s, times, communication, timer, link_times, profile) -> dict:
+def summarize(cfg, opts, device_type: str, n, step_s, times, communication, timer, link_times, profile, parallel,
+              traffic: dict, memory: dict) -> dict:
     """Rank 0's JSON object for one variant: the measured steps, the communication, the link fitted to the plain
     all-reduces, and the model's prediction for this case (with and without overlap) against the measurement."""
     import torch.distributed as dist
 
-    from dist_alexnet.scaling_model import fit_link, predict_step
+    from dist_alexnet.scaling_model import fit_link, gradient_buckets, predict
 
     link = fit_link(list(link_times), list(link_times.values()), n,
                     f"{dist.get_backend()} all-reduce of 1-64 MiB, {n} processes")
     wire = 4 if opts.hook == "none" else 2
+    activation_bytes = 2 if opts.mixed_precision in ("bf16", "fp16") else 4
     # On a CPU whose every core computes, an all-reduce in flight takes cores from backward: no free overlap.
     overlap = device_type == "cuda"
-    predicted = predict_step(profile, n, link, opts.bucket_mb, wire, overlap=overlap)
-    predicted_overlap = predict_step(profile, n, link, opts.bucket_mb, wire, overlap=True)
-    solo_s, no_sync_s, ddp_s = step_s["solo"], step_s["no_sync"], step_s["ddp"]
+    tp = parallel.tensor_parallel_size
+
+    def predicted(with_overlap: bool) -> dict:
+        return predict(profile, opts.parallelism, n, cfg.batch_size, link, link, link, opts.bucket_mb, wire,
+                       activation_bytes, tp, overlap=with_overlap)
+
+    model, model_overlap = predicted(overlap), predicted(True)
+    solo_s, step = step_s["solo"], step_s[opts.parallelism]
+    no_sync_s = step_s.get("no_sync")
+    solo_rate = opts.solo_batch_size / solo_s
+    rate = n * cfg.batch_size / step
+    efficiency = rate / (n * solo_rate)
+    strong = opts.solo_batch_size != cfg.batch_size
     exposed = communication["exposed_s"] if communication else None
     ms = 1e3
+    replicated = [(name, numel) for name, numel in profile.sizes if name not in getattr(parallel, "sharded", ())]
     return {
         "processes": n,
+        "parallelism": opts.parallelism,
+        "tensor_parallel_size": tp,
         "ddp_comm_hook": opts.hook,
         "ddp_bucket_mb": opts.bucket_mb,
-        "solo_images_per_sec": cfg.batch_size / solo_s,
-        "no_sync_images_per_sec": n * cfg.batch_size / no_sync_s,
-        "images_per_sec": n * cfg.batch_size / ddp_s,
-        "weak_scaling_efficiency": solo_s / ddp_s,
-        "no_sync_efficiency": solo_s / no_sync_s,
+        "batch_size_per_process": cfg.batch_size,
+        "solo_batch_size": opts.solo_batch_size,
+        "solo_images_per_sec": solo_rate,
+        "no_sync_images_per_sec": n * cfg.batch_size / no_sync_s if no_sync_s else None,
+        "images_per_sec": rate,
+        "efficiency": efficiency,
+        "weak_scaling_efficiency": None if strong else efficiency,
+        "strong_scaling_efficiency": efficiency if strong else None,
+        "no_sync_efficiency": solo_s / no_sync_s if no_sync_s and not strong else None,
         "step_s": step_s,
         "windows_step_s": times,
         "communication": communication,
+        **traffic,  # bytes_sent_per_step, collective_s
+        "state_bytes_per_rank": memory,
         "breakdown_ms": {
-            "sharing_the_machine": (no_sync_s - solo_s) * ms,
-            "exposed_allreduce": exposed * ms if exposed is not None else None,
-            "compute_slowed_by_allreduce": (ddp_s - no_sync_s - exposed) * ms if exposed is not None else None,
+            "sharing_the_machine": (no_sync_s - solo_s) * ms if no_sync_s and not strong else None,
+            "exposed_allreduce": exposed * ms if exposed is not None and no_sync_s else None,
+            "compute_slowed_by_allreduce": (step - no_sync_s - exposed) * ms
+            if exposed is not None and no_sync_s and not strong else None,
         },
         "buckets": [timer.buckets[i] for i in sorted(timer.buckets)],
         "link": {"bandwidth": link.bandwidth, "latency": link.latency, "source": link.source,
@@ -403,15 +496,18 @@ def summarize(cfg, opts, device_type: str, n, step_s, times, communication, time
         "profile": profile.to_dict(),
         "model": {
             "overlap": overlap,
-            "step_s": predicted["step_s"],
-            "efficiency": predicted["efficiency"],
-            "allreduce_s": predicted["allreduce_s"],
-            "exposed_s": predicted["exposed_s"],
-            "step_error": predicted["step_s"] / ddp_s - 1,
-            "with_overlap": {"step_s": predicted_overlap["step_s"], "efficiency": predicted_overlap["efficiency"],
-                             "step_error": predicted_overlap["step_s"] / ddp_s - 1},
+            "step_s": model["step_s"],
+            "efficiency": model["images_per_sec"] / (n * opts.solo_batch_size / profile.step_s),
+            "allreduce_s": model["allreduce_s"],
+            "exposed_s": model["exposed_s"],
+            "bytes_sent_per_step": model["bytes_sent_per_step"],
+            "step_error": model["step_s"] / step - 1,
+            "with_overlap": {"step_s": model_overlap["step_s"],
+                             "efficiency": model_overlap["images_per_sec"] / (n * opts.solo_batch_size
+                                                                              / profile.step_s),
+                             "step_error": model_overlap["step_s"] / step - 1},
         },
-        "model_buckets": [b["params"] for b in predicted["buckets"]],
+        "model_buckets": [b for b in gradient_buckets(replicated, opts.bucket_mb)],
     }
 
 
@@ -420,7 +516,10 @@ def parse_worker_args(argv: list[str]) -> argparse.Namespace:
                                      description="one process of `dist-alexnet benchmark --processes N`")
     parser.add_argument("--out", required=True)
     parser.add_argument("--hook", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--parallelism", choices=("ddp", "hybrid"), default="ddp")
+    parser.add_argument("--tensor-parallel-size", type=int, default=None)
     for name, kind in (("bucket-mb", int), ("threads", int), ("image-size", int), ("batch-size", int),
+                       ("solo-batch-size", int),
                        ("model-width", float), ("steps", int), ("windows", int), ("warmup", int), ("seed", int)):
         parser.add_argument(f"--{name}", type=kind, required=True)
     parser.add_argument("--mixed-precision", default="no")

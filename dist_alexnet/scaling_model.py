@@ -166,6 +166,7 @@ def predict_step(profile: StepProfile, n: int, link: Link, bucket_mb: float = 25
         buckets.append({"params": names, "wire_bytes": nbytes, "allreduce_s": seconds})
     exposed_s = max(0.0, free_at - profile.backward_s) if overlap else comm_s
     step_s = profile.step_s + exposed_s
+    sent = sum(2 * (n - 1) / n * b["wire_bytes"] for b in buckets) if n > 1 else 0.0
     return {
         "processes": n,
         "step_s": step_s,
@@ -175,33 +176,150 @@ def predict_step(profile: StepProfile, n: int, link: Link, bucket_mb: float = 25
         "hidden_s": comm_s - exposed_s,
         "efficiency": profile.step_s / step_s,
         "images_per_sec": n * profile.batch_size / step_s,
+        "bytes_sent_per_step": sent,
         "buckets": buckets,
     }
 
 
-# The scenarios of the GPU table: what a user can change.
+def ring_gather_seconds(nbytes: float, n: int, link: Link) -> float:
+    """A ring all-gather (of `nbytes` in all, out of every rank's share) or reduce-scatter (of `nbytes` in all,
+    into every rank's share): (n-1)/n x nbytes / bandwidth + latency; half an all-reduce. Zero for one rank."""
+    return (n - 1) / n * nbytes / link.bandwidth + link.latency if n > 1 else 0.0
+
+
+def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_link: Link, dp_link: Link,
+                        world_link: Link, bucket_mb: float = 25, wire_bytes_per_element: int = 4,
+                        activation_bytes: int = 4, overlap: bool = True) -> dict:
+    """The n-process step under --parallelism hybrid (parallel.py), from one process's profile at the same batch
+    per process:
+    - compute: unchanged (each rank computes 1/T of the classifier for T x the examples: the same FLOPs);
+    - the optimizer: in proportion to the parameters a rank holds (1/T of fc1 and fc2);
+    - the classifier's exchange in the tensor-parallel group (`tp_link`), blocking, forward and backward alike:
+      an all-gather of the group's features (T x B x 9216 activations) and a reduce-scatter of fc2's partial
+      sums (T x B x 4096), each `activation_bytes` per value;
+    - the shards' gradient all-reduce across the n / T groups (`dp_link`), started when backward has finished
+      the classifier, then DDP's buckets of the replicated parameters over all n ranks (`world_link`), on one
+      stream as in predict_step; what ends after backward is exposed (all of it without `overlap`)."""
+    from dist_alexnet.parallel import SHARDED
+
+    numel = dict(profile.sizes)
+    groups = n // tensor_parallel
+    hidden, features = numel["classifier.1.bias"], numel["classifier.1.weight"] // numel["classifier.1.bias"]
+    sharded = sum(numel[name] for name in SHARDED)
+    exchange = tensor_parallel * profile.batch_size * activation_bytes
+    gather_s = ring_gather_seconds(exchange * features, tensor_parallel, tp_link)
+    scatter_s = ring_gather_seconds(exchange * hidden, tensor_parallel, tp_link)
+    tp_s = 2 * (gather_s + scatter_s)  # forward and backward
+    optimizer_s = profile.optimizer_s * (sum(numel.values()) - sharded * (1 - 1 / tensor_parallel)) / sum(numel.values())
+    backward_end = profile.backward_s + tp_s / 2
+    # one all-reduce stream: first the shards (when fc1's gradient is ready), then DDP's buckets
+    shard_bytes = sharded / tensor_parallel * 4
+    shard_s = dp_link.allreduce_seconds(shard_bytes, groups) if groups > 1 else 0.0
+    start = profile.ready_s["classifier.1.weight"] + tp_s / 4 if overlap else 0.0
+    free_at, comm_s, sent, buckets = start + shard_s, shard_s, 2 * (groups - 1) / groups * shard_bytes, []
+    replicated = [(name, size) for name, size in profile.sizes if name not in SHARDED]
+    for names in gradient_buckets(replicated, bucket_mb):
+        nbytes = sum(numel[name] for name in names) * wire_bytes_per_element
+        seconds = world_link.allreduce_seconds(nbytes, n)
+        ready = max(profile.ready_s[name] for name in names) + tp_s / 2
+        free_at = (max(free_at, ready) if overlap else free_at) + seconds
+        comm_s += seconds
+        sent += 2 * (n - 1) / n * nbytes
+        buckets.append({"params": names, "wire_bytes": nbytes, "allreduce_s": seconds})
+    sent += 2 * (tensor_parallel - 1) / tensor_parallel * exchange * (features + hidden)
+    exposed_s = max(0.0, free_at - backward_end) if overlap else comm_s
+    step_s = profile.forward_s + profile.backward_s + optimizer_s + tp_s + exposed_s
+    return {
+        "processes": n,
+        "tensor_parallel_size": tensor_parallel,
+        "step_s": step_s,
+        "compute_s": profile.forward_s + profile.backward_s + optimizer_s,
+        "tensor_parallel_s": tp_s,
+        "allreduce_s": comm_s,
+        "exposed_s": exposed_s + tp_s,
+        "hidden_s": comm_s - exposed_s,
+        "efficiency": profile.step_s / step_s,
+        "images_per_sec": n * profile.batch_size / step_s,
+        "bytes_sent_per_step": sent,
+        "buckets": buckets,
+    }
+
+
+def predict(profile: StepProfile, parallelism: str, n: int, batch_size: int, tp_link: Link, dp_link: Link,
+            world_link: Link, bucket_mb: float = 25, wire_bytes_per_element: int = 4, activation_bytes: int = 4,
+            tensor_parallel: int = 1, overlap: bool = True) -> dict:
+    """predict_step (ddp) or predict_hybrid_step at `batch_size` per process."""
+    at_batch = profile.with_batch_size(batch_size)
+    if parallelism == "ddp":
+        return predict_step(at_batch, n, world_link, bucket_mb, wire_bytes_per_element, overlap)
+    return predict_hybrid_step(at_batch, n, tensor_parallel, tp_link, dp_link, world_link, bucket_mb,
+                               wire_bytes_per_element, activation_bytes, overlap)
+
+
+# The scenarios of the GPU table: what a user can change. Hybrid runs in bf16 (its exchanged activations are
+# bf16, 2 bytes), its replicated gradients all-reduced in fp32, the classifier split over the GPUs of a node.
 SCENARIOS = {
-    "fp32 all-reduce, batch 512": dict(wire_bytes_per_element=4, batch_size=512, bucket_mb=25),
-    "bf16 hook, batch 512": dict(wire_bytes_per_element=2, batch_size=512, bucket_mb=25),
-    "fp32, batch 1024": dict(wire_bytes_per_element=4, batch_size=1024, bucket_mb=25),
-    "bf16 hook, 5 MB buckets": dict(wire_bytes_per_element=2, batch_size=512, bucket_mb=5),
-    "fp32, 100 MB buckets": dict(wire_bytes_per_element=4, batch_size=512, bucket_mb=100),
+    "fp32 all-reduce, batch 512": dict(parallelism="ddp", wire_bytes_per_element=4, batch_size=512, bucket_mb=25),
+    "bf16 hook, batch 512": dict(parallelism="ddp", wire_bytes_per_element=2, batch_size=512, bucket_mb=25),
+    "fp32, batch 1024": dict(parallelism="ddp", wire_bytes_per_element=4, batch_size=1024, bucket_mb=25),
+    "bf16 hook, 5 MB buckets": dict(parallelism="ddp", wire_bytes_per_element=2, batch_size=512, bucket_mb=5),
+    "fp32, 100 MB buckets": dict(parallelism="ddp", wire_bytes_per_element=4, batch_size=512, bucket_mb=100),
+    "hybrid, batch 512": dict(parallelism="hybrid", wire_bytes_per_element=4, batch_size=512, bucket_mb=25),
 }
+# The modes compared at a fixed global batch (strong scaling) and the global batches of that table.
+MODES = {"ddp fp32": dict(parallelism="ddp", wire_bytes_per_element=4),
+         "ddp bf16 hook": dict(parallelism="ddp", wire_bytes_per_element=2),
+         "hybrid": dict(parallelism="hybrid", wire_bytes_per_element=4)}
+GLOBAL_BATCHES = (1024, 4096, 16384)
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # up to 64 nodes of 8
 
 
+def predict_on_gpus(profile: StepProfile, gpus: int, batch_size: int, parallelism: str,
+                    wire_bytes_per_element: int, bucket_mb: float = 25, links: dict = GPU_LINKS) -> dict:
+    """One mode's step on `gpus` GPUs in nodes of 8 at `batch_size` per GPU: ddp's all-reduce over the link that
+    bounds it (gpu_link); hybrid's classifier split over the GPUs of a node (NVLink), its shards all-reduced
+    across nodes (InfiniBand)."""
+    tensor_parallel = min(gpus, GPUS_PER_NODE)
+    return predict(profile, parallelism, gpus, batch_size, Link(**links["nvlink"]), Link(**links["infiniband"]),
+                   gpu_link(gpus, links), bucket_mb, wire_bytes_per_element, activation_bytes=2,
+                   tensor_parallel=tensor_parallel)
+
+
 def gpu_table(profile: StepProfile, links: dict = GPU_LINKS) -> dict:
-    """The predicted efficiency and step time for each scenario at each GPU count."""
+    """The predicted weak-scaling efficiency and step time for each scenario at each GPU count, and the strong
+    scaling (a fixed global batch, GLOBAL_BATCHES) of each mode, with the fastest mode at each point."""
     rows = []
     for gpus in GPU_COUNTS:
         row = {"gpus": gpus, "nodes": max(1, gpus // GPUS_PER_NODE)}
         for label, s in SCENARIOS.items():
-            p = predict_step(profile.with_batch_size(s["batch_size"]), gpus, gpu_link(gpus, links), s["bucket_mb"],
-                             s["wire_bytes_per_element"])
+            p = predict_on_gpus(profile, gpus, s["batch_size"], s["parallelism"], s["wire_bytes_per_element"],
+                                s["bucket_mb"], links)
             row[label] = {"efficiency": p["efficiency"], "step_ms": p["step_s"] * 1e3,
                           "exposed_ms": p["exposed_s"] * 1e3}
         rows.append(row)
-    return {"profile": profile.to_dict(), "links": links, "scenarios": SCENARIOS, "rows": rows}
+    return {"profile": profile.to_dict(), "links": links, "scenarios": SCENARIOS, "rows": rows,
+            "strong": strong_table(profile, links)}
+
+
+def strong_table(profile: StepProfile, links: dict = GPU_LINKS) -> list[dict]:
+    """At each global batch G and GPU count n (G / n >= 1 per GPU): each mode's step at G / n per GPU, its
+    strong-scaling efficiency (one GPU's step at G over n x the n-GPU step) and the fastest mode. The profile
+    scales linearly with the batch: at a few images per GPU a real GPU is slower than that (not compute bound),
+    so small-batch efficiencies are upper bounds."""
+    rows = []
+    for global_batch in GLOBAL_BATCHES:
+        one = profile.with_batch_size(global_batch).step_s
+        for gpus in GPU_COUNTS[1:]:
+            if global_batch < gpus:
+                continue
+            row = {"global_batch": global_batch, "gpus": gpus, "nodes": max(1, gpus // GPUS_PER_NODE)}
+            for mode, m in MODES.items():
+                step = predict_on_gpus(profile, gpus, global_batch / gpus, m["parallelism"],
+                                       m["wire_bytes_per_element"], links=links)["step_s"]
+                row[mode] = {"step_ms": step * 1e3, "efficiency": one / (gpus * step)}
+            row["fastest"] = min(MODES, key=lambda mode: row[mode]["step_ms"])
+            rows.append(row)
+    return rows
 
 
 def format_gpu_table(table: dict) -> str:
@@ -214,6 +332,12 @@ def format_gpu_table(table: dict) -> str:
     for row in table["rows"]:
         cells = [f"{row[label]['efficiency']:>13.1%} ({row[label]['step_ms']:5.1f})" for label in labels]
         lines.append(f"{row['gpus']:>5} {row['nodes']:>5}  " + "  ".join(f"{cell:>22}" for cell in cells))
+    lines.append("strong scaling, a fixed global batch: efficiency (step ms) of " + ", ".join(MODES)
+                 + ", and the fastest")
+    for row in table["strong"]:
+        cells = "  ".join(f"{row[mode]['efficiency']:>7.1%} ({row[mode]['step_ms']:6.2f})" for mode in MODES)
+        lines.append(f"  global batch {row['global_batch']:>6}, {row['gpus']:>3} GPUs ({row['nodes']:>2} nodes): "
+                     f"{cells}  fastest: {row['fastest']}")
     lines.append("links: " + "; ".join(f"{name} {link['bandwidth'] / 1e9:g} GB/s + {link['latency'] * 1e6:g} us per "
                                        f"call ({link['source']})" for name, link in table["links"].items()))
     return "\n".join(lines)

@@ -76,33 +76,56 @@ def test_a_profile_survives_json():
 @pytest.fixture(scope="module")
 def two_process_benchmark(tmp_path_factory):
     path = tmp_path_factory.mktemp("scaling") / "scaling.json"
-    result = run([*TOY, "--processes", "2", "--ddp-comm-hook", "none", "bf16", "--json", str(path)],
+    result = run([*TOY, "--processes", "2", "--parallelism", "ddp", "hybrid", "--json", str(path)],
                  subcommand="benchmark", timeout=300)
     return json.loads(path.read_text()), result.stdout, path
 
 
-VARIANT_FIELDS = {"processes", "ddp_comm_hook", "ddp_bucket_mb", "solo_images_per_sec", "no_sync_images_per_sec",
-                  "images_per_sec", "weak_scaling_efficiency", "no_sync_efficiency", "step_s", "windows_step_s",
-                  "communication", "breakdown_ms", "buckets", "link", "profile", "model", "model_buckets"}
+VARIANT_FIELDS = {"processes", "parallelism", "tensor_parallel_size", "ddp_comm_hook", "ddp_bucket_mb",
+                  "batch_size_per_process", "solo_batch_size", "solo_images_per_sec", "no_sync_images_per_sec",
+                  "images_per_sec", "efficiency", "weak_scaling_efficiency", "strong_scaling_efficiency",
+                  "no_sync_efficiency", "step_s", "windows_step_s", "communication", "bytes_sent_per_step",
+                  "collective_s", "state_bytes_per_rank", "breakdown_ms", "buckets", "link", "profile", "model",
+                  "model_buckets"}
 
 
 def test_the_two_process_benchmark_writes_every_field(two_process_benchmark):
     result, stdout, _ = two_process_benchmark
-    assert result["processes"] == 2 and result["threads_per_process"] >= 1
-    assert [v["ddp_comm_hook"] for v in result["variants"]] == ["none", "bf16"]
+    assert result["processes"] == 2 and result["threads_per_process"] >= 1 and result["scaling"] == "weak"
+    ddp, hybrid = result["variants"]
+    assert (ddp["parallelism"], hybrid["parallelism"]) == ("ddp", "hybrid") and hybrid["tensor_parallel_size"] == 2
     for v in result["variants"]:
         assert set(v) == VARIANT_FIELDS and v["processes"] == 2
-        for key in ("solo_images_per_sec", "no_sync_images_per_sec", "images_per_sec", "weak_scaling_efficiency",
-                    "no_sync_efficiency"):
+        for key in ("solo_images_per_sec", "images_per_sec", "weak_scaling_efficiency"):
             assert math.isfinite(v[key]) and v[key] > 0, key
-        assert v["weak_scaling_efficiency"] == pytest.approx(v["step_s"]["solo"] / v["step_s"]["ddp"])
+        assert v["weak_scaling_efficiency"] == pytest.approx(v["step_s"]["solo"] / v["step_s"][v["parallelism"]])
+        assert v["strong_scaling_efficiency"] is None
         assert all(len(times) == 2 for times in v["windows_step_s"].values())
         comm = v["communication"]  # the hook's figures (CPU)
         assert comm["allreduce_s"] > 0 and 0 <= comm["exposed_s"] and 0 <= comm["overlap"] <= 1
         assert comm["hidden_s"] == pytest.approx(comm["allreduce_s"] - comm["exposed_s"], abs=1e-9)
         assert v["link"]["bandwidth"] > 0 and math.isfinite(v["link"]["bandwidth"])
         assert v["model"]["step_s"] > 0 and math.isfinite(v["model"]["step_error"])
-    assert "efficiency" in stdout and "bf16, 25 MB" in stdout
+        # the bytes counted as the collectives ran are the bytes the scaling model predicts
+        assert v["bytes_sent_per_step"]["total"] == pytest.approx(v["model"]["bytes_sent_per_step"])
+    assert ddp["no_sync_efficiency"] > 0 and hybrid["no_sync_efficiency"] is None
+    assert set(hybrid["bytes_sent_per_step"]) == {"all-gather", "reduce-scatter", "all-reduce", "total"}
+    assert hybrid["bytes_sent_per_step"]["total"] < ddp["bytes_sent_per_step"]["total"] / 5
+    assert hybrid["state_bytes_per_rank"]["total"] < ddp["state_bytes_per_rank"]["total"] * 0.6
+    assert "efficiency" in stdout and "hybrid, none, 25 MB" in stdout
+
+
+@pytest.mark.slow
+def test_strong_scaling_splits_one_global_batch(tmp_path):
+    path = tmp_path / "strong.json"
+    run([*TOY, "--processes", "2", "--parallelism", "hybrid", "--ddp-comm-hook", "bf16", "--global-batch-size",
+         "16", "--json", str(path)], subcommand="benchmark", timeout=300)
+    result = json.loads(path.read_text())
+    assert result["scaling"] == "strong" and result["batch_size_per_process"] == 8 and result["solo_batch_size"] == 16
+    (v,) = result["variants"]
+    assert v["weak_scaling_efficiency"] is None and v["strong_scaling_efficiency"] == v["efficiency"] > 0
+    assert v["efficiency"] == pytest.approx(16 / v["step_s"]["hybrid"] / (2 * 16 / v["step_s"]["solo"]))
+    assert v["bytes_sent_per_step"]["total"] == pytest.approx(v["model"]["bytes_sent_per_step"])
 
 
 def test_ddps_buckets_are_the_models_buckets(two_process_benchmark):
@@ -135,6 +158,10 @@ def test_scaling_input_errors_are_one_line(tmp_path):
         (["--processes", "0"], "benchmark", "--processes must be >= 1 (got 0)"),
         (["--processes", "2", "--ddp-bucket-mb", "0"], "benchmark", "--ddp-bucket-mb must be >= 1 (got 0)"),
         (["--processes", "2", "--threads-per-process", "0"], "benchmark", "--threads-per-process must be >= 1"),
+        (["--processes", "2", "--global-batch-size", "7"], "benchmark", "must be a positive multiple of --processes"),
+        (["--parallelism", "hybrid"], "benchmark", "are for --processes N > 1"),
+        (["--processes", "4", "--parallelism", "hybrid", "--tensor-parallel-size", "3"], "benchmark",
+         "--tensor-parallel-size 3 must divide --processes 4"),
         (["--profile", str(tmp_path / "bad.json")], "scaling-model", "not a step profile"),
         (["--profile", str(tmp_path / "missing.json")], "scaling-model", "not a step profile"),
         (["--inter-node-gbs", "0"], "scaling-model", "--inter-node-gbs must be a positive number (got 0.0)"),
@@ -142,3 +169,31 @@ def test_scaling_input_errors_are_one_line(tmp_path):
         result = run(args, subcommand=subcommand, check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_hybrid_model_moves_activations_not_the_classifiers_gradients():
+    from dist_alexnet.parallel import SHARDED
+    from dist_alexnet.scaling_model import predict_hybrid_step, strong_table
+
+    profile = layer_flops_profile(1.0, 224, step_s=0.0128, optimizer_s=0.5e-3, batch_size=512, source="test")
+    link = Link(100e9, 0.0, "test")
+    one_node = predict_hybrid_step(profile, 8, 8, link, link, link, activation_bytes=2)
+    numel = dict(SIZES)
+    replicated = sum(numel.values()) - sum(numel[name] for name in SHARDED)
+    exchange = 2 * 7 / 8 * 8 * 512 * (9216 + 4096) * 2  # all-gather + reduce-scatter, forward and backward, bf16
+    assert one_node["bytes_sent_per_step"] == pytest.approx(exchange + 2 * 7 / 8 * replicated * 4)
+    # the exchange grows with the group's batch (at 512 per GPU it is about the size of ddp's all-reduce), the
+    # gradients do not: at 64 per GPU hybrid sends under 1/5 of ddp's bytes
+    small = profile.with_batch_size(64)
+    assert (predict_hybrid_step(small, 8, 8, link, link, link, activation_bytes=2)["bytes_sent_per_step"]
+            < predict_step(small, 8, link)["bytes_sent_per_step"] / 5)
+    # the optimizer steps the replicated part and 1/8 of the classifier
+    assert one_node["compute_s"] < profile.step_s
+    two_nodes = predict_hybrid_step(profile, 16, 8, link, link, link, activation_bytes=2)
+    shards = sum(numel[name] for name in SHARDED) / 8 * 4
+    assert two_nodes["bytes_sent_per_step"] - exchange - 2 * 15 / 16 * replicated * 4 == pytest.approx(shards)
+    rows = strong_table(profile)
+    assert {row["fastest"] for row in rows} <= {"ddp fp32", "ddp bf16 hook", "hybrid"}
+    across_nodes = [row for row in rows if row["global_batch"] == 4096 and row["nodes"] >= 2]
+    assert all(row["fastest"] == "hybrid" for row in across_nodes)
+    assert all(row["hybrid"]["efficiency"] > row["ddp fp32"]["efficiency"] for row in across_nodes)
