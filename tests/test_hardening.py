@@ -97,6 +97,15 @@ def test_torch_hub_checks_the_exports_arguments_before_building_the_model(tmp_pa
         torch.hub.load(str(REPO), "alexnet", source="local", dropout=2)
 
 
+def test_report_of_a_run_whose_config_yaml_is_a_directory_takes_the_config_from_the_events(tmp_path, trained_run):
+    copy = shutil.copytree(trained_run, tmp_path / "run", symlinks=True)
+    (copy / "config.yaml").unlink()
+    (copy / "config.yaml").mkdir()
+    result = run([str(copy)], subcommand="report")
+    assert result.stdout.strip() == str(copy / "report.md") and "Traceback" not in result.stderr
+    assert "model_width: 0.125" in (copy / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- the profiler
 
 def test_a_profile_cut_short_by_a_preemption_closes_cleanly(tmp_path, data_dir):
