@@ -4,12 +4,15 @@
 #   2. a 3-epoch training run with launch/configs/fast.yaml on the synthetic set of Fashion-MNIST's size
 #      (60,000 training images), with every visible GPU
 #   3. the scaling model's input measured on one GPU (scaling-model --measure, bf16, batch 512) and, with
-#      several GPUs, benchmark --processes <GPUs>: the measured scaling in the node
+#      several GPUs, benchmark --processes <GPUs> --parallelism ddp hybrid (weak, and strong at a global batch
+#      of 1024): the measured scaling in the node; and a 1-epoch run of fast.yaml with --parallelism hybrid
+#      (--parallelism hybrid needs 2 processes or more: with one GPU these are left out)
 # Results, as JSON files in $GPU_CHECK_DIR (default ./gpu-check), with each step's log beside its file:
 #   benchmark-b<batch>.json, benchmark-b<batch>-compile.json   what `benchmark --json` writes
 #   train-metrics.json                                         the training run's metrics.json
 #   scaling-model.json, scaling-benchmark.json                 the step profile and predicted table; the
-#                                                              measured n-GPU scaling (several GPUs only)
+#   scaling-benchmark-strong.json, train-hybrid-metrics.json   measured n-GPU scaling, hybrid's run (several
+#                                                              GPUs only)
 #   summary.json                                               the figures the targets name, met or not
 # Without CUDA the same steps run at toy sizes on the CPU (the tests do that): it proves the script, not
 # the speed. Exit status: 0 when every step ran, 1 otherwise (unmet targets show in summary.json).
@@ -71,7 +74,13 @@ cp "$OUT/train-run/metrics.json" "$OUT/train-metrics.json" 2>/dev/null
 step scaling-model "$PYTHON" -m dist_alexnet.cli scaling-model --measure "${SCALING[@]}" --json "$OUT/scaling-model.json"
 if [ "$GPUS" -gt 1 ]; then
     step scaling-benchmark "$PYTHON" -m dist_alexnet.cli benchmark --processes "$GPUS" "${BENCH[@]}" --batch-size 512 \
-        --ddp-comm-hook none bf16 --json "$OUT/scaling-benchmark.json"
+        --parallelism ddp hybrid --ddp-comm-hook none bf16 --json "$OUT/scaling-benchmark.json"
+    step scaling-benchmark-strong "$PYTHON" -m dist_alexnet.cli benchmark --processes "$GPUS" "${BENCH[@]}" \
+        --global-batch-size 1024 --parallelism ddp hybrid --json "$OUT/scaling-benchmark-strong.json"
+    rm -rf "$OUT/train-hybrid-run"
+    step train-hybrid "${LAUNCH[@]}" train --config "$REPO/launch/configs/fast.yaml" --dataset synthetic "${TRAIN[@]}" \
+        --epochs 1 --parallelism hybrid --data-dir "$OUT/data" --output-dir "$OUT/train-hybrid-run" --resume none
+    cp "$OUT/train-hybrid-run/metrics.json" "$OUT/train-hybrid-metrics.json" 2>/dev/null
 fi
 for batch in "${BATCHES[@]:1}"; do bench "$batch"; done
 for batch in "${BATCHES[@]}"; do bench "$batch" --compile; done
