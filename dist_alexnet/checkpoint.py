@@ -180,7 +180,8 @@ def move_old_run_aside(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     target = run_dir / f"old-{datetime.now():%Y%m%d-%H%M%S}"
     target.mkdir()
-    for name in ("checkpoints", "tensorboard", "metrics.json", "report.md", "config.yaml", *PNG_FILES):
+    # trackers.json too: the MLflow and W&B runs it names hold the old run's figures, so the new run starts its own
+    for name in ("checkpoints", "tensorboard", "metrics.json", "report.md", "config.yaml", "trackers.json", *PNG_FILES):
         if os.path.lexists(run_dir / name):
             os.rename(run_dir / name, target / name)
     return target

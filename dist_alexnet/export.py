@@ -84,7 +84,8 @@ def check_out(out: Path, source: Path, overwrite: bool) -> None:
     if not os.path.lexists(out):
         return
     if out.is_symlink() or not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
+        kind = "a link" if out.is_symlink() else "not a directory"
+        raise ConfigError(f"--out {out} exists and is {kind}; choose another --out")
     source = source.resolve()
     if out.resolve() == source or out.resolve() in source.parents:
         raise ConfigError(f"--out {out} holds the checkpoint being exported ({source}); choose another --out")

@@ -301,3 +301,16 @@ def test_bad_input_on_two_processes_ends_every_rank_with_exit_code_2(tmp_path, d
     codes = [line.split(":", 1)[1].split()[0] for line in result.stderr.splitlines() if line.strip().startswith("exitcode")]
     assert codes == ["2", "2"], result.stderr[-3000:]
     assert len([line for line in result.stderr.splitlines() if line.startswith("dist-alexnet: error:")]) == 2
+
+
+def test_moving_the_old_run_aside_moves_its_tracker_runs_too(tmp_path, data_dir):
+    uri, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    env = cpu_env(MLFLOW_TRACKING_URI=uri)
+    run(tiny_args(data_dir, run_dir, "--max-steps", "12", "--checkpoint-every", "8", "--report-to", "mlflow"), env=env)
+    old_id = json.loads((run_dir / "trackers.json").read_text())["mlflow_run_id"]
+    run(tiny_args(data_dir, run_dir, "--max-steps", "16", "--report-to", "mlflow", "--resume",
+                  str(run_dir / "checkpoints" / "step_000008"), "--move-old-checkpoints"), env=env)
+    [moved] = run_dir.glob("old-*")
+    assert json.loads((moved / "trackers.json").read_text())["mlflow_run_id"] == old_id
+    new_id = json.loads((run_dir / "trackers.json").read_text())["mlflow_run_id"]
+    assert new_id != old_id and [s for s, _ in mlflow_scalars(uri, new_id, "train/loss")] == [12, 16]
