@@ -111,6 +111,11 @@ class TrainConfig:
                             choices=("ddp", "hybrid"))
     tensor_parallel_size: int | None = _opt(None, "with --parallelism hybrid: the ranks that split the classifier "
                                             "(consecutive ranks; unset = the processes of one node, "
+    consistency_every: int = _opt(500, "optimizer steps between checks that every rank's replicated weights are "
+                                  "still identical (a checksum per tensor, compared over ranks); 0 turns it off")
+    straggler_factor: float = _opt(1.5, "warn, naming the rank, when a rank's local work per step is this many "
+                                   "times the fastest rank's at 3 log points in a row; 0 turns it off")
+    # --- run directory, checkpoints, logging ---
                                             "LOCAL_WORLD_SIZE)")
     output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>")
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, or a "
@@ -186,6 +191,11 @@ class TrainConfig:
         need(self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 so a previous checkpoint survives "
                                          f"while a new one is written (got {self.keep_checkpoints})")
         need(self.ddp_bucket_mb >= 1, f"--ddp-bucket-mb must be >= 1 (got {self.ddp_bucket_mb})")
+        need(self.consistency_every >= 0, f"--consistency-every must be >= 0 (got {self.consistency_every})")
+        need(self.straggler_factor == 0 or self.straggler_factor > 1,
+             f"--straggler-factor must be above 1, or 0 to turn it off (got {self.straggler_factor})")
+        need(self.tensor_parallel_size is None or self.parallelism == "hybrid",
+             "--tensor-parallel-size is for --parallelism hybrid (this run uses ddp)")
         need(0 <= self.random_erasing <= 1, f"--random-erasing must be a probability in [0, 1] (got {self.random_erasing})")
         need(not (self.augment and self.pipeline != "device"),
              "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")

@@ -88,6 +88,7 @@ COLLECTIVE_PLACES = {
     "on_main_process": "sharing the outcome of rank 0's file writes",
     "raise_if_any_rank_failed": "waiting for the data to load",
     "finish": "the end of the run",
+    "check_replicas_agree": "the ranks' weight consistency check",
 }
 
 

@@ -45,10 +45,15 @@ class Interrupted(RuntimeError):
     while the trackers were starting): the command ended at once, without a new checkpoint."""
 
 
+class ReplicasDiverged(RuntimeError):
+    """The ranks' copies of the replicated weights differ (health.check_replicas_agree): every rank stopped."""
+
+
 class ExportError(RuntimeError):
     """An export that would not do what it says (its ONNX graph does not match the model)."""
 
 
 # exit code of each: 2 is what the user handed us, the others say what happened to the run
 EXIT_CODES = {ConfigError: 2, DataError: 2, CheckpointError: 2, ReportError: 2, TrainingDiverged: 3,
-              CollectiveFailed: 4, ExportError: 5, RankFailed: 1, Interrupted: 130}
+              CollectiveFailed: 4, ExportError: 5, RankFailed: 1, Interrupted: 130,
+              ReplicasDiverged: 6}

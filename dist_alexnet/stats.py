@@ -30,12 +30,14 @@ class StepStats:
         self.timed_samples = 0  # samples this process trained since the last log point
         self.wait_seconds = 0.0  # time spent waiting for input batches since then
         self.active_seconds = 0.0  # training time since then, evaluation excluded
+        self.local_seconds = 0.0  # since then: input, forward and loss, the part of a step that waits for no rank
         self.clock = self.epoch_start = time.perf_counter()
         self.last_step = start_step
         # over the whole launch
         self.epoch_seconds: list[float] = []  # training time of each epoch (or of the part of it this launch trained)
         self.samples_trained = 0  # by this process
         self.last_logged: dict = {}  # the values of the latest log point
+        self.local_by_rank: list[float] = []  # at the latest log point: each rank's local seconds per step
 
     # --- per micro-batch, on the device
 
@@ -96,7 +98,7 @@ class StepStats:
         _sync(self.device)
         seconds = self.active_seconds + time.perf_counter() - self.clock
         peak_gb = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else 0.0
-        host = [self.timed_samples, self.wait_seconds, seconds, peak_gb]
+        host = [self.timed_samples, self.wait_seconds, seconds, peak_gb, self.local_seconds]
         local = torch.cat([self.sums, torch.tensor(host, device=self.device)])
         world = self.accelerator.num_processes
         rows = self.accelerator.gather(local).view(world, -1).tolist()
@@ -113,8 +115,12 @@ class StepStats:
         }
         if self.device.type == "cuda":
             values["system/gpu_memory_gb"] = max(r[6] for r in rows)
+        local_ms = sorted(1000 * r[7] / steps for r in rows)  # per rank: its local work per step
+        values.update({"perf/rank_local_ms_min": local_ms[0], "perf/rank_local_ms_median": local_ms[len(rows) // 2],
+                       "perf/rank_local_ms_max": local_ms[-1]})
+        self.local_by_rank = [r[7] / steps for r in rows]
         self.sums.zero_()
-        self.timed_samples, self.wait_seconds, self.active_seconds = 0, 0.0, 0.0
+        self.timed_samples, self.wait_seconds, self.active_seconds, self.local_seconds = 0, 0.0, 0.0, 0.0
         self.clock, self.last_step = time.perf_counter(), step
         self.last_logged = values
         return values

@@ -28,6 +28,7 @@ from dist_alexnet.debug_hooks import DebugHooks
 from dist_alexnet.distributed import (check_output_dir, choose_run_dir, collective_failed, is_collective_failure,
                                       load_data_on_every_rank, make_accelerator, on_main_process)
 from dist_alexnet.errors import ConfigError, TrainingDiverged
+from dist_alexnet.health import StragglerWatch, check_replicas_agree
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
 from dist_alexnet.model import build_model
 from dist_alexnet.monitor import make_monitor, open_trackers, wait_to_sort_after_earlier_events
@@ -103,6 +104,7 @@ class Run:
     lr_schedule: LRSchedule = field(init=False)
     stats: StepStats = field(init=False)
     train_step: TrainStep = field(init=False)
+    stragglers: StragglerWatch = field(init=False)
     monitor: object = field(init=False)
     profiler: StepProfiler | NoProfiler = field(init=False)
     resumed_from: Path | None = None  # retention never deletes it
@@ -237,6 +239,7 @@ def start_logging(run: Run, state: TrainState) -> None:
     run.stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
     run.train_step = TrainStep(run.model, run.optimizer, accelerator, run.parallel, run.stats,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
+    run.stragglers = StragglerWatch(cfg.straggler_factor)
     effective = {"per_process_batch": run.batch_size, "global_batch": run.schedule.step_samples, "lr": run.lr}
     run.monitor = make_monitor(accelerator, cfg, effective, state.step, run.dir, log=run.progress.log)
     run.profiler = (StepProfiler(cfg.profile_steps, run.dir, accelerator.process_index, run.progress.log)
@@ -291,7 +294,8 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
         end = run.train_step(inputs, labels, StepAsks(
             stop_requested=preemption.received is not None,
             checkpoint_due=run.schedule.checkpoint_due(time.monotonic() - run.last_save),
-            measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step)))
+            measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step),
+            delay_seconds=hooks.slow_seconds))
         state.position += run.schedule.micro_samples
         if end is None:  # inside a gradient-accumulation group
             continue
@@ -304,6 +308,9 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
             if run.ema is not None:
                 run.ema.update()
         run.progress.step_done()
+        hooks.perturb(step, run.parallel.replicated_parameters(run.model))
+        if run.cfg.consistency_every and step % run.cfg.consistency_every == 0:
+            check_replicas_agree(run.accelerator, run.parallel, run.model, step)
         if run.schedule.should_log(step):
             log_training(run, state, end.grad_norm)
         if end.stop_requested:
@@ -324,6 +331,9 @@ def log_training(run: Run, state: TrainState, grad_norm: torch.Tensor) -> None:
     state.last_train_loss = values["train/loss"]
     run.monitor.log_train(state.step, state.epoch, values)
     run.progress.show_training(state.epoch, state.step, run.schedule.total_steps, values)
+    warning = run.stragglers.observe(state.step, run.stats.local_by_rank)
+    if warning:
+        run.progress.log(warning)
 
 
 def stop_on_nonfinite_loss(run: Run, step: int, ranks: list[int]) -> None:
