@@ -37,6 +37,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator for cfg (precision, accumulation, DDP options, collective timeout), after checking that
     all the processes the launcher started joined one job."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # NCCL's watchdog: on a timed-out collective abort the communicators but leave the process alive (2, CleanUpOnly,
+    # instead of torch's default 3, which kills the process from the watchdog thread without a word), so that the
+    # waiting rank raises and is_collective_failure / collective_failed turn it into one line naming the collective;
+    # and dump the flight recorder's ring of recent collectives (README: Crashes and hangs). A user's setting wins.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     try:
         accelerator = Accelerator(
             # Without CUDA, run on the CPU (gloo): Accelerate would otherwise leave the processes of
@@ -98,7 +104,8 @@ def is_collective_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(mark in text for mark in (
-        "Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo"))
+        "Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo",
+        "Watchdog caught collective operation timeout", "NCCL communicator was aborted", "NCCL error"))
 
 
 def collective_failed(error: BaseException, accelerator: Accelerator, step: int, timeout: float) -> CollectiveFailed:

@@ -55,11 +55,13 @@ fi
 # limit ends the allocation: the job saves, requeues itself and resumes, at most MAX_RESTARTS times.
 #
 # What NCCL users need to diagnose a hang: on a collective timeout each rank dumps its flight recorder (its
-# last 2000 collectives) into <run directory>/nccl-trace/; NCCL_DEBUG=INFO, exported before sbatch, logs NCCL.
-export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+# last 2000 collectives) into <run directory>/nccl-trace/ (read it with `python -m
+# torch.distributed.flight_recorder.fr_trace <run directory>/nccl-trace -p rank_`); NCCL_DEBUG=INFO, exported
+# before sbatch, logs NCCL. torch 2.14's names (TORCH_NCCL_TRACE_BUFFER_SIZE / _DEBUG_INFO_TEMP_FILE are the old).
+export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
-export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$run_dir/nccl-trace/rank_}
-mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"
+export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$run_dir/nccl-trace/rank_}
+mkdir -p "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")"
 
 # Rank 0 runs on the first node of the allocation, where this script runs: a port free here is free there.
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
