@@ -122,9 +122,10 @@ def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -
     abandoned = abandoned_history(saved, cfg, accelerator.num_processes, start_step)
     if abandoned:  # TensorBoard purges those steps; MLflow and W&B cannot, so they continue in new runs
         if main and set(names) - {"tensorboard"}:
+            copied = f" (MLflow's starts with the old run's steps up to {start_step})" if "mlflow" in names else ""
             log(f"note: the MLflow/W&B runs of this directory hold steps up to {saved['last_step']} trained with "
                 f"other options ({abandoned}); resumed from step {start_step}, this launch continues in new runs of "
-                f"theirs (MLflow's starts with the old run's steps up to {start_step}); the old runs stay as they were")
+                f"theirs{copied}; the old runs stay as they were")
         saved = {"continues": {key: value for key, value in saved.items() if key.endswith("_run_id")}}
     trackers, where = [], {}
     for name in names:
