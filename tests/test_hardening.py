@@ -314,3 +314,22 @@ def test_moving_the_old_run_aside_moves_its_tracker_runs_too(tmp_path, data_dir)
     assert json.loads((moved / "trackers.json").read_text())["mlflow_run_id"] == old_id
     new_id = json.loads((run_dir / "trackers.json").read_text())["mlflow_run_id"]
     assert new_id != old_id and [s for s, _ in mlflow_scalars(uri, new_id, "train/loss")] == [12, 16]
+
+
+@pytest.mark.slow
+def test_wandb_continues_in_a_new_run_after_a_resume_with_other_options(tmp_path, data_dir):
+    """W&B cannot take back steps it has: retrained with another learning rate, they go to a new W&B run (offline:
+    a new folder of its own id); retrained with the same options, to the same run."""
+    run_dir, env = tmp_path / "run", cpu_env(WANDB_MODE="offline", WANDB_SILENT="true")
+    args = ["--report-to", "wandb,tensorboard"]
+    run(tiny_args(data_dir, run_dir, "--max-steps", "12", "--checkpoint-every", "8", *args), env=env,
+        in_process=False)
+    first = json.loads((run_dir / "trackers.json").read_text())["wandb_run_id"]
+    shutil.rmtree(run_dir / "checkpoints" / "step_000012")
+    same = run(tiny_args(data_dir, run_dir, "--max-steps", "12", *args), env=env, in_process=False)
+    assert json.loads((run_dir / "trackers.json").read_text())["wandb_run_id"] == first, same.stdout
+    shutil.rmtree(run_dir / "checkpoints" / "step_000012")
+    other = run(tiny_args(data_dir, run_dir, "--max-steps", "16", "--lr", "3e-4", *args), env=env, in_process=False)
+    second = json.loads((run_dir / "trackers.json").read_text())["wandb_run_id"]
+    assert second != first and "continues in new runs" in other.stdout
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{second}"))) == 1
