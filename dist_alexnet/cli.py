@@ -208,13 +208,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from dist_alexnet.benchmark import main as benchmark  # imports torch/accelerate: keep `--help` fast
+    from dist_alexnet.perf.benchmark import main as benchmark  # imports torch/accelerate: keep `--help` fast
 
     return benchmark(args)
 
 
 def run_scaling_model(args: argparse.Namespace) -> int:
-    from dist_alexnet.scaling_model import main as scaling_model
+    from dist_alexnet.perf.scaling_model import main as scaling_model
 
     return scaling_model(args)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_alexnet.benchmark import backward_flops_by_layer, training_flops
+from dist_alexnet.perf.measure import backward_flops_by_layer, training_flops
 from dist_alexnet.cli import main
 from dist_alexnet.model import AlexNet
 from tests.helpers import BIN, REPO, cpu_env, run

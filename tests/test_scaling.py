@@ -6,8 +6,10 @@ import math
 import pytest
 
 from dist_alexnet.model import AlexNet
-from dist_alexnet.scaling_model import (MB, Link, StepProfile, fit_link, gradient_buckets, layer_flops_profile,
-                                        parameter_sizes, predict_step, ring_allreduce_seconds)
+from dist_alexnet.parallel import SHARDED
+from dist_alexnet.perf.measure import StepProfile, parameter_sizes
+from dist_alexnet.perf.scaling_model import (MB, Link, fit_link, gradient_buckets, layer_flops_profile,
+                                             predict_hybrid_step, predict_step, ring_allreduce_seconds, strong_table)
 from tests.helpers import run
 
 SIZES = parameter_sizes(AlexNet())
@@ -172,9 +174,6 @@ def test_scaling_input_errors_are_one_line(tmp_path):
 
 
 def test_the_hybrid_model_moves_activations_not_the_classifiers_gradients():
-    from dist_alexnet.parallel import SHARDED
-    from dist_alexnet.scaling_model import predict_hybrid_step, strong_table
-
     profile = layer_flops_profile(1.0, 224, step_s=0.0128, optimizer_s=0.5e-3, batch_size=512, source="test")
     link = Link(100e9, 0.0, "test")
     one_node = predict_hybrid_step(profile, 8, 8, link, link, link, activation_bytes=2)

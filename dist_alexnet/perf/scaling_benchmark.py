@@ -24,7 +24,6 @@ scaling model (scaling_model.py) uses to predict the ddp step; the prediction an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -38,7 +37,20 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from dist_alexnet.config import TrainConfig, resolve_mixed_precision
+from dist_alexnet.distributed import make_accelerator
 from dist_alexnet.errors import ConfigError
+from dist_alexnet.model import build_model
+from dist_alexnet.optimization import make_optimizer
+from dist_alexnet.parallel import Traffic, make_parallelism
+from dist_alexnet.perf.measure import ProfiledStep
+from dist_alexnet.perf.scaling_model import fit_link, gradient_buckets, predict
+from dist_alexnet.stats import StepStats
+from dist_alexnet.steps import TrainStep
 
 ALLREDUCE_SIZES_MB = (1, 4, 16, 64)
 RANK0_SUMMARY = "summary.json"
@@ -48,8 +60,6 @@ RANK0_SUMMARY = "summary.json"
 
 def run_scaling(args, cfg) -> dict:
     """Launch one N-process run per variant and gather rank 0's results."""
-    from dist_alexnet.config import resolve_mixed_precision
-
     variants = [(parallelism, hook, bucket) for parallelism in args.parallelism for hook in args.ddp_comm_hook
                 for bucket in args.ddp_bucket_mb]
     threads = args.threads_per_process or max(1, (os.cpu_count() or 1) // args.processes)
@@ -70,7 +80,6 @@ def run_scaling(args, cfg) -> dict:
 
 def launch_variant(args, cfg, parallelism: str, hook: str, bucket_mb: int, threads: int, batch_size: int,
                    solo_batch_size: int) -> dict:
-    from dist_alexnet.config import resolve_mixed_precision
 
     with tempfile.TemporaryDirectory(prefix="dist-alexnet-scaling-") as folder:
         out = Path(folder) / RANK0_SUMMARY
@@ -84,7 +93,7 @@ def launch_variant(args, cfg, parallelism: str, hook: str, bucket_mb: int, threa
                        "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
                        "--seed", str(cfg.seed)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(args.processes), "-m", "dist_alexnet.scaling_benchmark", *worker_args]
+               str(args.processes), "-m", "dist_alexnet.perf.scaling_benchmark", *worker_args]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if args.device == "cpu" or not cuda_available():
             env["ACCELERATE_USE_CPU"] = "1"
@@ -104,7 +113,6 @@ def worker_error(output: str) -> str:
 
 
 def cuda_available() -> bool:
-    import torch
 
     return torch.cuda.is_available()
 
@@ -163,7 +171,6 @@ def format_scaling(r: dict) -> str:
 class BucketTimer:
     """A DDP communication hook that runs `inner` (torch's allreduce or compression hook) and records each
     bucket's start and end time, its size and its parameters."""
-
     def __init__(self, inner, names_by_pointer: dict[int, str]):
         self.inner, self.names_by_pointer = inner, names_by_pointer
         self.recording, self.steps, self.buckets = False, [], {}
@@ -206,86 +213,11 @@ class BucketTimer:
 
 
 def comm_hook(name: str):
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
     return {"none": default_hooks.allreduce_hook, "bf16": default_hooks.bf16_compress_hook,
             "fp16": default_hooks.fp16_compress_hook}[name]
 
 
-class ProfiledStep:
-    """One process's plain training step (forward, loss, backward, optimizer) that, while `recording`, notes how
-    long forward, backward and the optimizer took and when each parameter's gradient was ready; `profile()` is
-    the median over the recorded steps. The solo measurement's steps are these: its images/s and its profile
-    come from the same steps."""
-
-    def __init__(self, model, optimizer, inputs, labels, device, autocast=contextlib.nullcontext,
-                 gradient_times: bool = True):
-        import torch
-
-        self.model, self.optimizer, self.inputs, self.labels, self.autocast = model, optimizer, inputs, labels, autocast
-        self.device, self.cuda = device, device.type == "cuda"
-        self.recording, self.samples, self.marks = False, [], {}
-        self.torch = torch
-        names = {p: name for name, p in model.named_parameters()}
-
-        def note_ready(param):
-            if self.recording:
-                self.marks[names[param]] = self.mark()
-
-        if gradient_times:  # without them (a step never profiled) no hook runs in the measured steps
-            for p in model.parameters():
-                p.register_post_accumulate_grad_hook(note_ready)
-
-    def mark(self):
-        if self.cuda:
-            event = self.torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
-
-    def __call__(self) -> None:
-        import torch.nn.functional as F
-
-        self.marks = {}
-        t0 = self.mark() if self.recording else None
-        with self.autocast():
-            loss = F.cross_entropy(self.model(self.inputs), self.labels)
-        t1 = self.mark() if self.recording else None
-        loss.backward()
-        t2 = self.mark() if self.recording else None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.recording:
-            t3 = self.mark()
-            if self.cuda:
-                self.torch.cuda.synchronize(self.device)
-            self.samples.append((self.seconds(t0, t1), self.seconds(t1, t2), self.seconds(t2, t3),
-                                 {name: self.seconds(t1, m) for name, m in self.marks.items()}))
-
-    def profile(self):
-        from dist_alexnet.scaling_model import StepProfile, parameter_sizes
-
-        def median(i):
-            return statistics.median(sample[i] for sample in self.samples)
-
-        ready = {name: statistics.median(sample[3][name] for sample in self.samples) for name in self.samples[0][3]}
-        return StepProfile(median(0), median(1), median(2), ready, self.inputs.shape[0],
-                           f"measured on {self.device.type}, 1 process", parameter_sizes(self.model))
-
-
 def worker(opts: argparse.Namespace) -> None:
-    import torch
-
-    from dist_alexnet.config import TrainConfig
-    from dist_alexnet.distributed import make_accelerator
-    from dist_alexnet.model import build_model
-    from dist_alexnet.optimization import make_optimizer
-    from dist_alexnet.parallel import make_parallelism
-    from dist_alexnet.stats import StepStats
-    from dist_alexnet.steps import TrainStep
 
     torch.set_num_threads(opts.threads)
     cfg = TrainConfig(image_size=opts.image_size, batch_size=opts.batch_size, model_width=opts.model_width,
@@ -348,8 +280,6 @@ def traffic_per_step(parallel, accelerator, opts, timer: BucketTimer, communicat
     replicated gradients (from its buckets, on the wire in fp32 or the hook's half precision) and, under hybrid,
     the classifier's all-gathers and reduce-scatters and its shards' all-reduce (counted as they ran); and the
     seconds per step spent in collectives, exposed (the step waited) and hidden (behind backward)."""
-    from dist_alexnet.parallel import Traffic
-
     steps = opts.windows * opts.steps
     n = accelerator.num_processes
     wire = 4 if opts.hook == "none" else 2
@@ -368,8 +298,6 @@ def traffic_per_step(parallel, accelerator, opts, timer: BucketTimer, communicat
 def state_bytes(model, optimizer) -> dict:
     """Bytes of this rank's parameters, their gradients (one per parameter during a step) and the optimizer's
     state: what a rank holds besides activations."""
-    import torch
-
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
@@ -380,8 +308,6 @@ def time_windows(measurements: dict, recorders: dict, accelerator, opts, traffic
     """Seconds per step of each measurement in each window (solo: rank 0's clock; the others: the slowest
     rank's), after the warm-up steps. A recorder (the bucket timer, the solo step's profile) records during its
     measurement's windows only."""
-    import torch
-
     def sync():
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize(accelerator.device)
@@ -415,9 +341,6 @@ def time_windows(measurements: dict, recorders: dict, accelerator, opts, traffic
 
 def time_allreduces(accelerator, repeats: int = 3) -> dict[int, float]:
     """Median seconds of a plain fp32 all-reduce of each size in ALLREDUCE_SIZES_MB (the slowest rank's)."""
-    import torch
-    import torch.distributed as dist
-
     result = {}
     for mb in ALLREDUCE_SIZES_MB:
         tensor = torch.ones(mb * 2**20 // 4, device=accelerator.device)
@@ -438,10 +361,6 @@ def summarize(cfg, opts, device_type: str, n, step_s, times, communication, time
               traffic: dict, memory: dict) -> dict:
     """Rank 0's JSON object for one variant: the measured steps, the communication, the link fitted to the plain
     all-reduces, and the model's prediction for this case (with and without overlap) against the measurement."""
-    import torch.distributed as dist
-
-    from dist_alexnet.scaling_model import fit_link, gradient_buckets, predict
-
     link = fit_link(list(link_times), list(link_times.values()), n,
                     f"{dist.get_backend()} all-reduce of 1-64 MiB, {n} processes")
     wire = 4 if opts.hook == "none" else 2
@@ -512,7 +431,7 @@ def summarize(cfg, opts, device_type: str, n, step_s, times, communication, time
 
 
 def parse_worker_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dist_alexnet.scaling_benchmark",
+    parser = argparse.ArgumentParser(prog="python -m dist_alexnet.perf.scaling_benchmark",
                                      description="one process of `dist-alexnet benchmark --processes N`")
     parser.add_argument("--out", required=True)
     parser.add_argument("--hook", choices=("none", "bf16", "fp16"), default="none")

@@ -16,9 +16,20 @@ and the per-step stop check (one tiny all-gather).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_alexnet.config import TrainConfig
+from dist_alexnet.errors import ConfigError
+from dist_alexnet.model import AlexNet, build_model
+from dist_alexnet.optimization import make_optimizer
+from dist_alexnet.parallel import SHARDED
+from dist_alexnet.perf.measure import ProfiledStep, StepProfile, backward_flops_by_layer, parameter_sizes
 
 MB = 2**20  # DDP's bucket_cap_mb counts MiB
 FIRST_BUCKET_BYTES = 1 * MB  # torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES: DDP's first bucket is small
@@ -71,44 +82,6 @@ def gpu_link(gpus: int, links: dict = GPU_LINKS) -> Link:
     return Link(**links["nvlink" if gpus <= GPUS_PER_NODE else "infiniband"])
 
 
-@dataclass
-class StepProfile:
-    """One process's training step: forward, backward and optimizer seconds, and for every parameter the
-    seconds after the start of backward at which its gradient is ready."""
-    forward_s: float
-    backward_s: float
-    optimizer_s: float
-    ready_s: dict[str, float]
-    batch_size: int
-    source: str
-    sizes: list[tuple[str, int]]  # (name, elements) of each parameter, in the model's order
-
-
-    @property
-    def step_s(self) -> float:
-        return self.forward_s + self.backward_s + self.optimizer_s
-
-    def with_batch_size(self, batch_size: int) -> StepProfile:
-        """The same step at another batch per process: forward and backward in proportion to the batch (a GPU at
-        these batches is compute bound), the optimizer unchanged (it works on the weights)."""
-        k = batch_size / self.batch_size
-        return dataclasses.replace(self, forward_s=self.forward_s * k, backward_s=self.backward_s * k,
-                                   ready_s={name: t * k for name, t in self.ready_s.items()}, batch_size=batch_size)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StepProfile:
-        fields = {field.name: d[field.name] for field in dataclasses.fields(cls)}
-        return cls(**{**fields, "sizes": [(name, int(numel)) for name, numel in fields["sizes"]]})
-
-
-def parameter_sizes(model) -> list[tuple[str, int]]:
-    """(name, number of elements) of each trainable parameter, in the model's order."""
-    return [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
-
-
 def gradient_buckets(sizes: list[tuple[str, int]], bucket_mb: float, bytes_per_element: int = 4) -> list[list[str]]:
     """DDP's buckets, in the order their all-reduces start: parameters in reverse model order (the order backward
     produces their gradients), each bucket closed once it holds at least its cap, the first one capped at 1 MiB
@@ -131,11 +104,6 @@ def layer_flops_profile(model_width: float, image_size: int, step_s: float, opti
     """A profile from a step time alone: forward and backward (1:2) spread over the convolutions and linear
     layers in proportion to their backward FLOPs (FlopCounterMode's, as the benchmark counts them), backward
     running from the last layer to the first. For a device we cannot measure here."""
-    import torch
-
-    from dist_alexnet.benchmark import backward_flops_by_layer
-    from dist_alexnet.model import AlexNet
-
     with torch.device("meta"):  # shapes only, nothing computed
         model = AlexNet(width=model_width)
     backward_work = backward_flops_by_layer(model_width, image_size)
@@ -200,8 +168,6 @@ def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_l
     - the shards' gradient all-reduce across the n / T groups (`dp_link`), started when backward has finished
       the classifier, then DDP's buckets of the replicated parameters over all n ranks (`world_link`), on one
       stream as in predict_step; what ends after backward is exposed (all of it without `overlap`)."""
-    from dist_alexnet.parallel import SHARDED
-
     numel = dict(profile.sizes)
     groups = n // tensor_parallel
     hidden, features = numel["classifier.1.bias"], numel["classifier.1.weight"] // numel["classifier.1.bias"]
@@ -363,10 +329,6 @@ def fit_link(sizes_bytes: list[float], seconds: list[float], n: int, source: str
 def load_profile(path: str) -> StepProfile:
     """The step profile in a JSON file: a `benchmark --processes N` result (its first variant's), a
     `scaling-model --json` table, or a bare profile."""
-    import json
-
-    from dist_alexnet.errors import ConfigError
-
     try:
         data = json.loads(open(path).read())
         data = data["variants"][0] if "variants" in data else data
@@ -377,15 +339,6 @@ def load_profile(path: str) -> StepProfile:
 
 def measured_profile(batch_size: int, image_size: int, mixed_precision: str, model_width: float = 1.0) -> StepProfile:
     """One process's step profile, measured here (CUDA when available)."""
-    import contextlib
-
-    import torch
-
-    from dist_alexnet.config import TrainConfig
-    from dist_alexnet.model import build_model
-    from dist_alexnet.optimization import make_optimizer
-    from dist_alexnet.scaling_benchmark import ProfiledStep
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(batch_size=batch_size, image_size=image_size, model_width=model_width)
     model = build_model(cfg, device)
@@ -405,11 +358,6 @@ def measured_profile(batch_size: int, image_size: int, mixed_precision: str, mod
 
 def main(args) -> int:
     """The `dist-alexnet scaling-model` subcommand (flags in cli.py)."""
-    import json
-    from pathlib import Path
-
-    from dist_alexnet.errors import ConfigError
-
     if args.profile and args.measure:
         raise ConfigError("--profile and --measure: give one of them")
     if args.batch_size < 1 or args.image_size < 64 or not 0 < args.model_width <= 4:

@@ -39,10 +39,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from dist_alexnet.config import ConfigError, TrainConfig
+from dist_alexnet.datasets import Split
+from dist_alexnet.distributed import make_accelerator
+from dist_alexnet.inputs import make_loader, to_model_input, training_input
 from dist_alexnet.model import AlexNet, build_model
-from dist_alexnet.optimization import optimizer_implementation
+from dist_alexnet.optimization import make_optimizer, optimizer_implementation
+from dist_alexnet.parallel import DataParallel
+from dist_alexnet.perf.measure import training_flops
+from dist_alexnet.perf.scaling_benchmark import format_scaling, run_scaling
+from dist_alexnet.stats import StepStats
+from dist_alexnet.steps import TrainStep
 
 NUM_IMAGES = 60_000  # the size of Fashion-MNIST's training set
 PREFETCH_FACTOR = 2  # batches each DataLoader worker prepares ahead (PyTorch's default)
@@ -64,43 +73,6 @@ KINDS = {  # key in the JSON -> label in the table
     "device_pipeline": "(d) device pipeline alone",
     "torchvision_pipeline": "(d) torchvision pipeline alone",
 }
-
-
-def count_flops(model_width: float, image_size: int):
-    """PyTorch's FlopCounterMode over one image's forward pass and over its training step (forward and backward)
-    through the trainer's AlexNet, on the "meta" device (shapes only, nothing computed): the two counters, which
-    also hold the FLOPs of each module."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = AlexNet(width=model_width)
-        images, labels = torch.zeros(1, 1, image_size, image_size), torch.zeros(1, dtype=torch.long)
-    forward, step = FlopCounterMode(display=False), FlopCounterMode(display=False)
-    with forward:
-        logits = model(images)
-    with step:
-        F.cross_entropy(model(images), labels).backward()
-    del logits
-    return forward, step
-
-
-def training_flops(model_width: float, image_size: int) -> dict[str, int]:
-    """FLOPs of one image's training step, counted by FlopCounterMode. Unlike "3 forward passes", it leaves out
-    what backward does not compute: the input gradient of the first convolution."""
-    forward, step = count_flops(model_width, image_size)
-    return {"forward": forward.get_total_flops(), "training": step.get_total_flops()}
-
-
-def backward_flops_by_layer(model_width: float, image_size: int) -> dict[str, int]:
-    """FLOPs of one image's backward pass in each convolution and linear layer (by its name in the model),
-    counted by FlopCounterMode: the layer's training-step FLOPs less its forward FLOPs."""
-    forward, step = count_flops(model_width, image_size)
-    forward_counts, step_counts = forward.get_flop_counts(), step.get_flop_counts()
-    # the counters list every module with FLOPs under "AlexNet.<path>": the layers are the leaves
-    # (features.N, classifier.N), and only convolutions and linear layers count FLOPs
-    return {module[len("AlexNet."):]: sum(step_counts[module].values()) - sum(forward_counts[module].values())
-            for module in step_counts
-            if module.startswith("AlexNet.") and module.rsplit(".", 1)[-1].isdigit()}
 
 
 def peak_tflops(device: torch.device, mixed_precision: str) -> tuple[float | None, str]:
@@ -136,8 +108,6 @@ def run_benchmark(cfg: TrainConfig, steps: int = 10, windows: int = 5, warmup: i
                   peak: float | None = None) -> dict:
     """Measure (a)-(d) for cfg's image size, batch size, precision, model width, compile and augment, on
     the device Accelerate picks (CUDA when available, unless ACCELERATE_USE_CPU=1)."""
-    from dist_alexnet.distributed import make_accelerator
-
     accelerator = make_accelerator(cfg)
     measurements, before_torchvision_window = make_measurements(cfg, accelerator)
     rates, peak_bytes = time_interleaved(measurements, before_torchvision_window, accelerator.device,
@@ -151,13 +121,6 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
     """The five measurements as functions of one step each, sharing one model and optimizer built and prepared
     by the trainer's own functions; and the function that takes off, untimed, the batches the torchvision
     workers prepared while the other measurements ran."""
-    from dist_alexnet.datasets import Split
-    from dist_alexnet.inputs import make_loader, to_model_input, training_input
-    from dist_alexnet.optimization import make_optimizer
-    from dist_alexnet.stats import StepStats
-    from dist_alexnet.parallel import DataParallel
-    from dist_alexnet.steps import TrainStep
-
     dev = accelerator.device
     generator = torch.Generator().manual_seed(cfg.seed)
     split = Split(torch.randint(0, 256, (NUM_IMAGES, 28, 28), dtype=torch.uint8, generator=generator),
@@ -209,8 +172,6 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
 def reference_step(cfg: TrainConfig, device: torch.device, mixed_precision: str, inputs: torch.Tensor,
                    labels: torch.Tensor):
     """(r): one step of the loop a user writes with torch alone, on a model and optimizer of its own."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
     torch.manual_seed(cfg.seed)
     model = AlexNet(width=cfg.model_width, dropout=cfg.dropout).to(device)
     if device.type == "cuda":
@@ -412,8 +373,6 @@ def main(args) -> int:
     if problems:
         raise ConfigError("\n".join(problems))
     if args.processes > 1:
-        from dist_alexnet.scaling_benchmark import format_scaling, run_scaling
-
         result = run_scaling(args, cfg)
         print(format_scaling(result), flush=True)
     else:

@@ -1,0 +1,1 @@
+"""Measuring and modelling speed: `benchmark` (one process, and `--processes N`) and `scaling-model`."""
