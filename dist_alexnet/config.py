@@ -104,19 +104,18 @@ class TrainConfig:
                                              "gradient-sized copy per step and its memory (233 MB for AlexNet)")
     ddp_comm_hook: str = _opt("none", "compress gradients to bf16 or fp16 for the all-reduce (half the bytes "
                               "sent, then back to fp32); none sends fp32", choices=("none", "bf16", "fp16"))
-    # --- run directory, checkpoints, logging ---
     parallelism: str = _opt("ddp", "ddp: every rank holds the whole model and all-reduces all gradients; hybrid: "
                             "the convolutions data-parallel, the classifier split over --tensor-parallel-size ranks "
                             "(Krizhevsky's 'one weird trick'): far fewer bytes per step (README: Scaling)",
                             choices=("ddp", "hybrid"))
     tensor_parallel_size: int | None = _opt(None, "with --parallelism hybrid: the ranks that split the classifier "
                                             "(consecutive ranks; unset = the processes of one node, "
+                                            "LOCAL_WORLD_SIZE)")
     consistency_every: int = _opt(500, "optimizer steps between checks that every rank's replicated weights are "
                                   "still identical (a checksum per tensor, compared over ranks); 0 turns it off")
     straggler_factor: float = _opt(1.5, "warn, naming the rank, when a rank's local work per step is this many "
                                    "times the fastest rank's at 3 log points in a row; 0 turns it off")
     # --- run directory, checkpoints, logging ---
-                                            "LOCAL_WORLD_SIZE)")
     output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>")
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, or a "
                        "checkpoint directory")
@@ -191,18 +190,16 @@ class TrainConfig:
         need(self.keep_checkpoints >= 2, f"--keep-checkpoints must be >= 2 so a previous checkpoint survives "
                                          f"while a new one is written (got {self.keep_checkpoints})")
         need(self.ddp_bucket_mb >= 1, f"--ddp-bucket-mb must be >= 1 (got {self.ddp_bucket_mb})")
+        need(0 <= self.random_erasing <= 1, f"--random-erasing must be a probability in [0, 1] (got {self.random_erasing})")
         need(self.consistency_every >= 0, f"--consistency-every must be >= 0 (got {self.consistency_every})")
         need(self.straggler_factor == 0 or self.straggler_factor > 1,
              f"--straggler-factor must be above 1, or 0 to turn it off (got {self.straggler_factor})")
         need(self.tensor_parallel_size is None or self.parallelism == "hybrid",
              "--tensor-parallel-size is for --parallelism hybrid (this run uses ddp)")
-        need(0 <= self.random_erasing <= 1, f"--random-erasing must be a probability in [0, 1] (got {self.random_erasing})")
         need(not (self.augment and self.pipeline != "device"),
              "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")
         need(self.resume in ("auto", "none") or bool(self.resume),
              "--resume must be auto, none or a checkpoint directory")
-        need(self.tensor_parallel_size is None or self.parallelism == "hybrid",
-             "--tensor-parallel-size is for --parallelism hybrid (this run uses ddp)")
         if self.mixed_precision == "fp16" and not cuda_usable():
             problems.append("--mixed-precision fp16 needs a CUDA GPU and none is usable here; "
                             "use --mixed-precision bf16 (works on CPU) or no")
