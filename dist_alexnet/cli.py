@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     except ONE_LINE_ERRORS as err:
         if getattr(args, "debug", False):
             raise
+        finish_exiting_when_the_launcher_stops_us()
         return report_error(err, next(code for kind, code in EXIT_CODES.items() if isinstance(err, kind)))
     except KeyboardInterrupt:  # Ctrl-C outside training, or the second one during it (the first saves and stops)
         if getattr(args, "debug", False):
@@ -298,15 +299,6 @@ def main(argv: list[str] | None = None) -> int:
                                         "newest complete checkpoint with --resume auto"), EXIT_CODES[Interrupted])
 
 
-        finish_exiting_when_the_launcher_stops_us()
-def report_error(err: Exception, code: int) -> int:
-    """One `dist-alexnet: error:` line per line of the message; returns the exit code."""
-    lines = str(err).splitlines() or [type(err).__name__]
-    # one write: the lines of several ranks sharing a pipe do not interleave (print writes the newline apart)
-    sys.stderr.write("".join(f"dist-alexnet: error: {line}\n" for line in lines))
-    sys.stderr.flush()
-    return code
-
 def finish_exiting_when_the_launcher_stops_us() -> None:
     """In a job of several processes every rank stops with the same one-line error, and the launcher sends SIGTERM
     to the ranks still running as soon as the first has exited: a rank caught in its own (slow) interpreter
@@ -314,6 +306,14 @@ def finish_exiting_when_the_launcher_stops_us() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+
+def report_error(err: Exception, code: int) -> int:
+    """One `dist-alexnet: error:` line per line of the message; returns the exit code."""
+    lines = str(err).splitlines() or [type(err).__name__]
+    # one write: the lines of several ranks sharing a pipe do not interleave (print writes the newline apart)
+    sys.stderr.write("".join(f"dist-alexnet: error: {line}\n" for line in lines))
+    sys.stderr.flush()
+    return code
 
 
 if __name__ == "__main__":
