@@ -4,11 +4,14 @@ Trains launch/configs/accurate.yaml on the shipped real Fashion-MNIST sample (3,
 3 epochs at 64 px, model width 0.5, global batch 64, once in one process and once as a 2-process DDP job on the CPU
 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`), and compares their test accuracies. With
 --global-batch-size the two runs take the same optimizer steps over the same samples in the same order (each
-process gets half of every batch); what differs is the dropout stream of each process and the order of the
-floating-point sums, so the weights drift apart a little, and the accuracies must agree to within --tolerance.
+process gets half of every batch); what differs is the dropout masks (each process draws its own half of the
+batch's from its own stream) and the order of the floating-point sums. Different dropout masks move a 3-epoch run
+on 615 test images by a few points, as another seed does, so one seed's gap is mostly that noise: the test is on
+the mean over --seeds, which must agree to within --tolerance. `--dropout 0` takes the masks out (then only the
+order of the sums differs) to show what is left.
 
-    python scripts/process_count_accuracy.py                   # seed 0; exit 1 when the gap exceeds the tolerance
-    python scripts/process_count_accuracy.py --seeds 0 1 2 --json process_count.json
+    python scripts/process_count_accuracy.py                   # seeds 0 1 2; exit 1 when the means differ by more
+    python scripts/process_count_accuracy.py --seeds 0 --dropout 0 --json process_count.json
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def train(processes: int, run_dir: Path, args: argparse.Namespace, seed: int) ->
                "fashion-mnist-sample", "--image-size", "64", "--model-width", str(args.model_width), "--epochs",
                str(args.epochs), "--global-batch-size", str(args.global_batch_size), "--seed", str(seed),
                "--no-log-figures", "--log-every", "1000", "--output-dir", str(run_dir)]
+    if args.dropout is not None:
+        options += ["--dropout", str(args.dropout)]
     env = dict(os.environ, ACCELERATE_USE_CPU="1")
     if processes == 1:
         command = [sys.executable, "-m", "dist_alexnet.cli", *options]
@@ -58,7 +63,8 @@ def train(processes: int, run_dir: Path, args: argparse.Namespace, seed: int) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dropout", type=float, default=None, help="instead of the preset's 0.5")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model-width", type=float, default=0.5)
     parser.add_argument("--global-batch-size", type=int, default=64)
@@ -74,17 +80,22 @@ def main() -> int:
             rows.append({"seed": seed, "one_process": one, "two_processes": two, "gap": two - one,
                          "one_process_seconds": round(one_s, 1), "two_processes_seconds": round(two_s, 1)})
 
+    dropout = "" if args.dropout is None else f", dropout {args.dropout:g}"
     print(f"\naccurate.yaml, shipped sample, {args.epochs} epochs, 64 px, width {args.model_width:g}, global batch "
-          f"{args.global_batch_size}: test accuracy (615 images)")
+          f"{args.global_batch_size}{dropout}: test accuracy (615 images)")
     print("| seed | 1 process | 2 processes | gap | time 1 / 2 processes |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['seed']} | {row['one_process']:.4f} | {row['two_processes']:.4f} | {row['gap']:+.4f} | "
               f"{row['one_process_seconds']:.0f} s / {row['two_processes_seconds']:.0f} s |")
-    worst = max(abs(row["gap"]) for row in rows)
-    ok = worst <= args.tolerance
-    print(f"largest gap {worst:.4f}: {'within' if ok else 'OUTSIDE'} the tolerance of {args.tolerance:g}")
+    one = sum(row["one_process"] for row in rows) / len(rows)
+    two = sum(row["two_processes"] for row in rows) / len(rows)
+    ok = abs(two - one) <= args.tolerance
+    print(f"| mean | {one:.4f} | {two:.4f} | {two - one:+.4f} | |")
+    print(f"the means differ by {abs(two - one):.4f}: {'within' if ok else 'OUTSIDE'} the tolerance of "
+          f"{args.tolerance:g} (largest gap of one seed {max(abs(row['gap']) for row in rows):.4f})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "tolerance": args.tolerance, "within": ok,
+        Path(args.json).write_text(json.dumps({"rows": rows, "one_process_mean": one, "two_processes_mean": two,
+                                               "tolerance": args.tolerance, "within": ok, "dropout": args.dropout,
                                                "epochs": args.epochs, "model_width": args.model_width,
                                                "global_batch_size": args.global_batch_size}, indent=2) + "\n")
     return 0 if ok else 1
