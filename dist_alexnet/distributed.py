@@ -26,11 +26,12 @@ from accelerate.utils import (DataLoaderConfiguration, DDPCommunicationHookType,
 
 from dist_alexnet.config import TrainConfig, resolve_mixed_precision
 from dist_alexnet.datasets import Split, load_data
-from dist_alexnet.errors import CheckpointError, CollectiveFailed, ConfigError, DataError, RankFailed, first_line
+from dist_alexnet.errors import (CheckpointError, CollectiveFailed, ConfigError, DataError, Interrupted, RankFailed,
+                                 first_line)
 
 # Errors that say what is wrong with the user's input or files: a rank that learns of one on another rank
 # raises the same error, so that every rank prints the same one line.
-SHARED_ERRORS = (ConfigError, DataError, CheckpointError)
+SHARED_ERRORS = (ConfigError, DataError, CheckpointError, Interrupted)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:

@@ -235,7 +235,7 @@ def start_logging(run: Run, state: TrainState) -> None:
         wait_to_sort_after_earlier_events(run.dir / "tensorboard")
 
     on_main_process(accelerator, prepare_run_files, "writing config.yaml")
-    open_trackers(accelerator, cfg, run.dir, start_step=state.step)
+    open_trackers(accelerator, cfg, run.dir, start_step=state.step, log=run.progress.log)
     run.stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
     run.train_step = TrainStep(run.model, run.optimizer, accelerator, run.parallel, run.stats,
                                label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
