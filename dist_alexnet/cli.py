@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_lr_find_arguments(lr_find)
     lr_find.set_defaults(run=run_lr_find)
 
+    add_benchmark_command(commands, debug)
+    add_scaling_model_command(commands, debug)
+    add_model_commands(commands, debug)
+    report = commands.add_parser("report", parents=[debug], help="rebuild RUN_DIR/report.md and its figures from the run's event files")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
+    report.set_defaults(run=run_report)
+    return parser
+
+
+def add_benchmark_command(commands, debug: argparse.ArgumentParser) -> None:
     bench = commands.add_parser("benchmark", parents=[debug],
                                 help="measure the model step, the trainer step with each input "
                                 "pipeline and the pipelines alone, side by side (images/s, MFU)")
@@ -88,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--batch-size per process)")
     bench.set_defaults(run=run_benchmark)
 
+
+
+def add_scaling_model_command(commands, debug: argparse.ArgumentParser) -> None:
     scaling = commands.add_parser("scaling-model", parents=[debug],
                                   help="predict the step time and weak-scaling efficiency on 1-512 GPUs (nodes of "
                                        "8) from one GPU's step and the links")
@@ -110,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--json", metavar="PATH", help="also write the table (and the profile) as JSON")
     scaling.set_defaults(run=run_scaling_model)
 
+
+
+def add_model_commands(commands, debug: argparse.ArgumentParser) -> None:
+    """evaluate, predict and export: the subcommands that work on a trained model."""
     evaluate = model_command(commands, debug, "evaluate", run_evaluate,
                              "exact accuracy, loss, per-class accuracy and confusion matrix of a checkpoint (one "
                              "process, or many under `accelerate launch`)")
@@ -143,11 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to-hub", metavar="REPO_ID",
                         help="then upload the folder to this Hugging Face model repository (needs a network and "
                              "`huggingface-cli login`)")
-
-    report = commands.add_parser("report", parents=[debug], help="rebuild RUN_DIR/report.md and its figures from the run's event files")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
-    report.set_defaults(run=run_report)
-    return parser
 
 
 def model_command(commands, debug: argparse.ArgumentParser, name: str, run, help: str) -> argparse.ArgumentParser:
