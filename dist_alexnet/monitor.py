@@ -62,6 +62,10 @@ TAGS = {
     "perf/step_time_ms": "wall time per optimizer step, averaged since the previous point",
     "perf/data_wait_fraction": "share of that time spent waiting for the next input batch (mean over ranks); "
                                "near 0 = the model is the bottleneck, near 1 = the input pipeline is",
+    "perf/rank_local_ms_min": "the fastest rank's local work per step (input, forward, loss: what waits for no "
+                              "other rank), in ms since the previous point (health.StragglerWatch)",
+    "perf/rank_local_ms_median": "the median rank's local work per step, ms",
+    "perf/rank_local_ms_max": "the slowest rank's local work per step, ms: far above the minimum, a straggler",
     "perf/epoch_seconds": "training time of the epoch, evaluation excluded (only the part this launch trained, "
                           "after a resume or with --max-steps), at the step the evaluation follows",
     "system/gpu_memory_gb": "CUDA only: peak GPU memory allocated by tensors, max over ranks (GB = 1e9 bytes)",
