@@ -281,13 +281,13 @@ def _check_trainer_state(state, checkpoint: Path) -> None:
         if not isinstance(state[key], kinds) or isinstance(state[key], bool):
             kind = {int: "whole number", float: "number", list: "list", dict: "mapping"}[kinds[0]]
             raise CheckpointError(f"{path}: {key} is {state[key]!r}, not a {kind}")
-    for problem in _trainer_state_problems(state):
-        raise CheckpointError(f"{path}: {problem}: it is damaged or was edited; resume from another checkpoint "
-                              f"(--resume PATH) or start afresh in another --output-dir")
-    named = CHECKPOINT_NAME.match(checkpoint.name)
+    named = CHECKPOINT_NAME.match(checkpoint.name)  # first: the most telling of the checks
     if named and int(named.group(1)) != state["step"]:
         raise CheckpointError(f"{path} says step {state['step']} but the checkpoint is {checkpoint.name}: it was "
                               f"renamed or mixed up with another")
+    for problem in _trainer_state_problems(state):
+        raise CheckpointError(f"{path}: {problem}: it is damaged or was edited; resume from another checkpoint "
+                              f"(--resume PATH) or start afresh in another --output-dir")
 
 
 def _trainer_state_problems(state: dict):

@@ -64,8 +64,8 @@ def stop_at_once_on_preemption(doing: str):
         return
     flag.doing = doing
     try:
-        if flag.received:  # it came earlier in the set-up
-            raise flag.interrupted()
+        # A signal that came earlier in the set-up does not stop it here: the trackers' start is bounded by
+        # --tracker-timeout, and the first training step then saves a checkpoint and requeues, as promised.
         yield
     except Exception as err:
         if flag.received and not isinstance(err, Interrupted):  # a library wrapped it in an error of its own
