@@ -27,7 +27,7 @@ class AlexNet(nn.Module, PyTorchModelHubMixin, library_name="dist-alexnet", pipe
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, dropout: float = 0.5):
         super().__init__()
-        c1, c2, c3, c4, c5, hidden = (max(1, round(c * width)) for c in (96, 256, 384, 384, 256, 4096))
+        c1, c2, c3, c4, c5, hidden = channel_widths(width)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2),
@@ -55,6 +55,11 @@ class AlexNet(nn.Module, PyTorchModelHubMixin, library_name="dist-alexnet", pipe
 
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
         save_file(weights, str(Path(save_directory) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def channel_widths(width: float) -> tuple[int, ...]:
+    """The five convolutions' channels and the hidden width of AlexNet at `width`."""
+    return tuple(max(1, round(c * width)) for c in (96, 256, 384, 384, 256, 4096))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,6 +39,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_alexnet.errors import ConfigError
+from dist_alexnet.model import channel_widths
 
 # The classifier's split parameters and the dimension each is split along (AlexNet.classifier's layout:
 # 0 Flatten, 1 fc1, 2 ReLU, 3 Dropout, 4 fc2, 5 ReLU, 6 Dropout, 7 fc3).
@@ -51,7 +52,7 @@ def make_parallelism(cfg, accelerator) -> DataParallel | HybridParallel:
         return DataParallel(accelerator)
     world = accelerator.num_processes
     tp = cfg.tensor_parallel_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    hidden = max(1, round(4096 * cfg.model_width))
+    hidden = channel_widths(cfg.model_width)[-1]
     problems = []
     if world < 2:
         problems.append("--parallelism hybrid splits the classifier over several processes and this run has one; "
@@ -145,6 +146,7 @@ class HybridParallel(DataParallel):
         self.tp_group, self.dp_group = self.mesh.get_group("tp"), self.mesh.get_group("dp")
         self.tp_rank = self.mesh.get_local_rank("tp")
         self.pending: list = []  # the shards' gradient all-reduces in flight
+        self.eval_sizes: list[int] = []  # an evaluation batch's size on each rank: gather_batch -> scatter_batch_sum
         self.shard_grads: list[torch.Tensor] = []
 
     def split(self, model: nn.Module) -> nn.Module:
@@ -297,7 +299,9 @@ class Traffic:
     wait_seconds: float = 0.0  # in the blocking collectives and waiting for the shards' all-reduce
 
     def add(self, kind: str, tensor: torch.Tensor, ranks: int) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
+        self.add_bytes(kind, tensor.numel() * tensor.element_size(), ranks)
+
+    def add_bytes(self, kind: str, nbytes: float, ranks: int) -> None:
         factor = 2 * (ranks - 1) / ranks if kind == "all-reduce" else (ranks - 1) / ranks
         self.sent[kind] = self.sent.get(kind, 0.0) + factor * nbytes
 

@@ -285,7 +285,7 @@ def traffic_per_step(parallel, accelerator, opts, timer: BucketTimer, communicat
     wire = 4 if opts.hook == "none" else 2
     ddp = Traffic()
     for bucket in timer.buckets.values():
-        ddp.sent["all-reduce"] = ddp.sent.get("all-reduce", 0.0) + 2 * (n - 1) / n * bucket["numel"] * wire
+        ddp.add_bytes("all-reduce", bucket["numel"] * wire, n)
     sent = {kind: value / steps for kind, value in parallel.traffic.sent.items()}
     sent["all-reduce"] = sent.get("all-reduce", 0.0) + ddp.sent.get("all-reduce", 0.0)
     blocking = parallel.traffic.wait_seconds / steps
