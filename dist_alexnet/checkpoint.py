@@ -5,29 +5,22 @@ then renames it to checkpoints/step_NNNNNN/. Old ones are deleted only after the
 committed (renamed away first, so a half-deleted one is never mistaken for a checkpoint), and the
 best one by test accuracy is kept as well (checkpoints/best links to it).
 
-    step_000123/
-      model.safetensors    state dict of the unwrapped model
-      optimizer.pt         the optimizer's state (Adam's moments, SGD's momentum)
-      scaler.pt            GradScaler state (fp16 only)
-      ema.safetensors      the moving average of the weights (--ema-decay only)
-      rng_states.pt        torch RNG states of every rank (gathered to rank 0)
-      trainer_state.json   the TrainState (step, epoch, sample position, best test accuracy, pending
-                           training sums), the world size, the config
+    step_000123/           its files: CHECKPOINT_FILES (what holds what, how it is read and checked)
+      trainer_state.json   the TrainState and what the run was (TRAINER_STATE_FIELDS)
 
 Loading never executes code from a file: safetensors for the weights, torch.load(weights_only=True)
-for the rest. write_atomically() is the same rule for the run's small files (metrics.json, trackers.json).
+for the rest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import datetime
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -35,35 +28,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save as save_safetensors
 
 from dist_alexnet.errors import CheckpointError, first_line
+from dist_alexnet.rundir import RunDir
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{6,})$")
-PNG_FILES = ("loss.png", "accuracy.png", "throughput.png", "confusion_matrix.png", "class_accuracy.png",
-             "misclassified.png", "inputs.png")  # the report's figures
-# trainer_state.json: each key's type (None allowed where the tuple says so)
-TRAINER_STATE_TYPES = {"step": (int,), "epoch": (int,), "position": (int,), "best_test_acc": (float, int, type(None)),
-                       "test_acc": (float, int, type(None)), "pending_train_sums": (list,), "world_size": (int,),
-                       "signature": (dict,), "config": (dict,)}
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A temporary file renamed over `path`: a reader sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OSError(err.errno, err.strerror, str(path)) from None
-
-
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+# trainer_state.json: each key's type (None allowed where the tuple says so); the optional keys are missing from
+# checkpoints of 0.1 (TrainState.load_state_dict fills them in).
+TRAINER_STATE_FIELDS = {"step": (int,), "epoch": (int,), "position": (int,),
+                        "best_test_acc": (float, int, type(None)), "test_acc": (float, int, type(None)),
+                        "pending_train_sums": (list,), "world_size": (int,), "signature": (dict,), "config": (dict,)}
+OPTIONAL_TRAINER_STATE_FIELDS = {"applied_steps": (int,), "last_train_loss": (float, int, type(None))}
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Committed checkpoints of a run, oldest first."""
-    folder = checkpoint_dir(run_dir)
+    folder = RunDir(run_dir).checkpoints
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and CHECKPOINT_NAME.match(p.name)]
@@ -77,7 +56,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 def half_written(run_dir: str | os.PathLike) -> list[Path]:
     """Leftovers of a save or a deletion that was interrupted (by kill -9, a node failure...)."""
-    folder = checkpoint_dir(run_dir)
+    folder = RunDir(run_dir).checkpoints
     return sorted(folder.glob(".tmp-*")) + sorted(folder.glob(".trash-*")) if folder.is_dir() else []
 
 
@@ -114,15 +93,12 @@ def _write_file(path: Path, content) -> None:
         raise
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, object], trainer_state: dict,
+def save_checkpoint(run_dir: str | os.PathLike, step: int, contents: dict[str, object], trainer_state: dict,
                     keep: int, protect: Path | None = None) -> Path:
     """Write step_NNNNNN atomically (rank 0 only), then apply retention, which never deletes this checkpoint
-    nor `protect` (the one the run resumed from).
-
-    `files` maps file names to what goes in them: state dicts (saved with safetensors) under "*.safetensors",
-    anything else is saved with torch.save.
-    """
-    folder = checkpoint_dir(run_dir)
+    nor `protect` (the one the run resumed from). `contents` maps the keys of CHECKPOINT_FILES to what goes in
+    their files (the required ones, and the optional ones the run has)."""
+    folder = RunDir(run_dir).checkpoints
     final = folder / f"step_{step:06d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     try:
@@ -130,9 +106,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, obje
         for leftover in half_written(run_dir):  # from an earlier, interrupted process
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
-        for name, content in files.items():
-            _write_file(tmp / name, content)
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        for file in CHECKPOINT_FILES:
+            if file.key in contents:
+                _write_file(tmp / file.name, contents[file.key])
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
@@ -164,7 +141,7 @@ def _point_best_at(checkpoint: Path) -> None:
 
 
 def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    link = checkpoint_dir(run_dir) / "best"
+    link = RunDir(run_dir).checkpoints / "best"
     return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
 
 
@@ -175,22 +152,10 @@ def _apply_retention(run_dir: str | os.PathLike, keep: int, protected: set) -> N
             _remove(old)
 
 
-def move_old_run_aside(run_dir: str | os.PathLike) -> Path:
-    """Move an earlier run's checkpoints, events and results into <run_dir>/old-<time>/ (rank 0 only)."""
-    run_dir = Path(run_dir)
-    target = run_dir / f"old-{datetime.now():%Y%m%d-%H%M%S}"
-    target.mkdir()
-    # trackers.json too: the MLflow and W&B runs it names hold the old run's figures, so the new run starts its own
-    for name in ("checkpoints", "tensorboard", "metrics.json", "report.md", "config.yaml", "trackers.json", *PNG_FILES):
-        if os.path.lexists(run_dir / name):
-            os.rename(run_dir / name, target / name)
-    return target
-
-
 # ----------------------------------------------------------------------------- loading
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    path = checkpoint / "trainer_state.json"
+    path = checkpoint / TRAINER_STATE
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -241,8 +206,8 @@ class Expected:
 
 
 def load_checkpoint(checkpoint: Path, expected: Expected | None = None) -> dict:
-    """Everything a resume needs, read and validated (against `expected` when given); raises CheckpointError
-    naming the bad file."""
+    """Everything a resume needs, read and validated (against `expected` when given): {"path", "trainer_state",
+    and each CHECKPOINT_FILES key whose file is there}; raises CheckpointError naming the bad file."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist (expected a checkpoints/step_NNNNNN "
@@ -251,32 +216,24 @@ def load_checkpoint(checkpoint: Path, expected: Expected | None = None) -> dict:
     _check_trainer_state(state, checkpoint)
     if expected is not None:
         check_compatible(state, expected.signature, checkpoint)
-    loaded = {
-        "path": checkpoint,
-        "trainer_state": state,
-        "model": load_model_state(checkpoint / "model.safetensors"),
-        "optimizer": load_tensors(checkpoint / "optimizer.pt"),
-        "rng_states": load_tensors(checkpoint / "rng_states.pt"),
-    }
-    if (checkpoint / "scaler.pt").exists():
-        loaded["scaler"] = load_tensors(checkpoint / "scaler.pt")
-    if (checkpoint / "ema.safetensors").exists():
-        loaded["ema"] = load_model_state(checkpoint / "ema.safetensors")
-    _check_rng_states(loaded["rng_states"], checkpoint / "rng_states.pt")
-    if expected is not None:
-        check_weights(loaded["model"], expected.model_shapes, checkpoint / "model.safetensors")
-        if "ema" in loaded:
-            check_weights(loaded["ema"], expected.model_shapes, checkpoint / "ema.safetensors")
-        _check_optimizer(loaded["optimizer"], expected.optimizer_groups, checkpoint / "optimizer.pt")
+    loaded = {"path": checkpoint, "trainer_state": state}
+    for file in CHECKPOINT_FILES:
+        if file.required or (checkpoint / file.name).exists():
+            loaded[file.key] = file.read(checkpoint / file.name)
+    for file in CHECKPOINT_FILES:
+        if file.key in loaded:
+            file.check(loaded[file.key], checkpoint / file.name, expected)
     return loaded
 
 
 def _check_trainer_state(state, checkpoint: Path) -> None:
-    path = checkpoint / "trainer_state.json"
+    path = checkpoint / TRAINER_STATE
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not the trainer's state")
-    for key, kinds in TRAINER_STATE_TYPES.items():
+    for key, kinds in {**TRAINER_STATE_FIELDS, **OPTIONAL_TRAINER_STATE_FIELDS}.items():
         if key not in state:
+            if key in OPTIONAL_TRAINER_STATE_FIELDS:
+                continue
             raise CheckpointError(f"{path} lacks {key!r}: it is damaged or not a dist-alexnet checkpoint")
         if not isinstance(state[key], kinds) or isinstance(state[key], bool):
             kind = {int: "whole number", float: "number", list: "list", dict: "mapping"}[kinds[0]]
@@ -353,6 +310,47 @@ def _check_optimizer(saved, groups: list[list[tuple]], path: Path) -> None:
             if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shapes[index]:
                 raise CheckpointError(f"{path}: {name} of parameter {index} is {tuple(value.shape)}, the parameter "
                                       f"is {shapes[index]}")
+
+
+def _check_model(weights, path: Path, expected: Expected | None) -> None:
+    if expected is not None:
+        check_weights(weights, expected.model_shapes, path)
+
+
+def _check_optimizer_against(saved, path: Path, expected: Expected | None) -> None:
+    if expected is not None:
+        _check_optimizer(saved, expected.optimizer_groups, path)
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """One file of a checkpoint: the key its content has in save_checkpoint's `contents` and load_checkpoint's
+    result, whether every checkpoint has it, how it is read (never running code from the file) and checked."""
+    name: str
+    key: str
+    required: bool
+    read: Callable[[Path], object]
+    check: Callable[[object, Path, Expected | None], None]
+    holds: str
+
+
+CHECKPOINT_FILES = (
+    CheckpointFile("model.safetensors", "model", True, load_model_state, _check_model,
+                   "the unwrapped model's state dict (under --parallelism hybrid: the shards gathered)"),
+    CheckpointFile("optimizer.pt", "optimizer", True, load_tensors, _check_optimizer_against,
+                   "the optimizer's state (Adam's moments, SGD's momentum), in the same full layout"),
+    CheckpointFile("rng_states.pt", "rng_states", True, load_tensors, lambda states, path, _: _check_rng_states(states, path),
+                   "every rank's torch RNG states (gathered to rank 0)"),
+    CheckpointFile("scaler.pt", "scaler", False, load_tensors, lambda *_: None,
+                   "the GradScaler's state (fp16 only)"),
+    CheckpointFile("ema.safetensors", "ema", False, load_model_state, _check_model,
+                   "the moving average of the weights (--ema-decay only)"),
+)
+
+
+def checkpoint_file(checkpoint: Path, key: str) -> Path:
+    """The path of a checkpoint's file by its CHECKPOINT_FILES key ("model", "ema", ...)."""
+    return Path(checkpoint) / next(file.name for file in CHECKPOINT_FILES if file.key == key)
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str, log, expected: Expected | None = None

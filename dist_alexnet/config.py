@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from dist_alexnet.device import use_cuda
 from dist_alexnet.errors import ConfigError
 
 
@@ -200,7 +201,7 @@ class TrainConfig:
              "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")
         need(self.resume in ("auto", "none") or bool(self.resume),
              "--resume must be auto, none or a checkpoint directory")
-        if self.mixed_precision == "fp16" and not cuda_usable():
+        if self.mixed_precision == "fp16" and not use_cuda():
             problems.append("--mixed-precision fp16 needs a CUDA GPU and none is usable here; "
                             "use --mixed-precision bf16 (works on CPU) or no")
         if problems:
@@ -277,32 +278,6 @@ class TrainConfig:
             return []
         return list(TRACKERS) if "all" in names else [name for name in TRACKERS if name in names]
 
-    # --- what the options mean for a run on `world_size` processes
-
-    def per_process_batch(self, world_size: int) -> int:
-        """Samples per process per micro-batch: --batch-size, or --global-batch-size shared out."""
-        if self.global_batch_size is None:
-            return self.batch_size
-        shares = world_size * self.grad_accum
-        if self.global_batch_size % shares:
-            below = self.global_batch_size // shares * shares
-            fits = [n for n in range(1, 65) if self.global_batch_size % (n * self.grad_accum) == 0]
-            elsewhere = (f", or run on {', '.join(map(str, fits))} process(es)" if fits else
-                         f" (with --grad-accum {self.grad_accum} it fits no number of processes)")
-            raise ConfigError(f"--global-batch-size {self.global_batch_size} does not divide by {world_size} "
-                              f"process(es) x --grad-accum {self.grad_accum} = {shares}: use a multiple of {shares} "
-                              f"(e.g. {max(below, shares)} or {below + shares}){elsewhere}")
-        return self.global_batch_size // shares
-
-    def global_batch(self, world_size: int) -> int:
-        """Samples per optimizer step, all processes and micro-batches together."""
-        return self.per_process_batch(world_size) * world_size * self.grad_accum
-
-    def effective_lr(self, world_size: int) -> float:
-        """--lr, scaled by --lr-scaling from --lr-reference-batch to the run's global batch."""
-        ratio = self.global_batch(world_size) / self.lr_reference_batch
-        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -316,12 +291,6 @@ TRACKERS = {"tensorboard": None, "mlflow": "mlflow", "wandb": "wandb"}
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def cuda_usable() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
 
 
 def resolve_mixed_precision(cfg: TrainConfig) -> str:

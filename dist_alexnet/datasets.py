@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dist_alexnet.distributed import raise_if_any_rank_failed
 from dist_alexnet.errors import DataError
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -249,3 +250,20 @@ def load_data(cfg, write: bool = True) -> tuple[Split, Split]:
     train = load_split(root, train=True, download=download).head(cfg.limit_train)
     test = load_split(root, train=False, download=download).head(cfg.limit_test)
     return train, test
+
+
+def load_data_on_every_rank(cfg, accelerator, write: bool = True) -> tuple[Split, Split]:
+    """load_data in two turns: first the local main process of each node (it writes the synthetic set or
+    downloads Fashion-MNIST), then the other ranks, which read the finished files. After each turn every
+    rank learns whether any rank failed. (local_main_process_first() would instead leave the other ranks
+    waiting in its barrier when the first rank fails, say on missing files with --no-download.)"""
+    splits = None
+    for first_turn in (True, False):
+        error = None
+        if accelerator.is_local_main_process == first_turn:
+            try:
+                splits = load_data(cfg, write)
+            except Exception as err:  # an unexpected one keeps its traceback here, and is shared too
+                error = err
+        raise_if_any_rank_failed(accelerator, error, "loading the data")
+    return splits

@@ -19,7 +19,8 @@ import torch
 
 from dist_alexnet.checkpoint import (CheckpointError, best_checkpoint, check_weights, list_checkpoints,
                                      load_model_state, read_trainer_state)
-from dist_alexnet.config import TrainConfig, cuda_usable
+from dist_alexnet.config import TrainConfig
+from dist_alexnet.device import default_device, use_cuda
 from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.inputs import to_model_input
 from dist_alexnet.model import AlexNet
@@ -146,7 +147,7 @@ def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:
     values.update(overrides, output_dir=None, resume="none", global_batch_size=None)
     if "download" not in overrides:  # evaluate writes nothing unless asked to: a card's data_dir may point anywhere
         values["download"] = False
-    if "mixed_precision" not in overrides and values.get("mixed_precision") == "fp16" and not cuda_usable():
+    if "mixed_precision" not in overrides and values.get("mixed_precision") == "fp16" and not use_cuda():
         values["mixed_precision"] = "no"  # a GPU run's checkpoint evaluated on a CPU
     return TrainConfig(**values).validate()
 
@@ -154,8 +155,10 @@ def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:
 def evaluate_checkpoint(checkpoint: str, split: str, overrides: dict) -> dict | None:
     """Exact accuracy and loss of a checkpoint on a split, in one process or many (`accelerate launch`).
     Returns the results on rank 0, None on the other ranks."""
-    from dist_alexnet.distributed import load_data_on_every_rank, make_accelerator
+    from dist_alexnet.datasets import load_data_on_every_rank
+    from dist_alexnet.distributed import make_accelerator
     from dist_alexnet.inputs import make_loader
+    from dist_alexnet.schedule import BatchPlan
     from dist_alexnet.steps import evaluate
 
     trained = load_trained_model(checkpoint, log=lambda message: print(message, file=sys.stderr))
@@ -163,7 +166,7 @@ def evaluate_checkpoint(checkpoint: str, split: str, overrides: dict) -> dict | 
     accelerator = make_accelerator(cfg)
     train_split, test_split = load_data_on_every_rank(cfg, accelerator, write=False)
     data = test_split if split == "test" else train_split
-    loader, _ = make_loader(data, cfg, train=False)
+    loader, _ = make_loader(data, cfg, BatchPlan.of(cfg, accelerator.num_processes), train=False)
     # evaluation_mode: autocast as in training, but no DDP wrapper (nothing to synchronize).
     model = accelerator.prepare_model(trained.model, evaluation_mode=True)
     loader = accelerator.prepare_data_loader(loader)
@@ -208,7 +211,7 @@ def format_evaluation(results: dict) -> str:
 def predict(trained: TrainedModel, files: list[Path], invert: bool = False, batch_size: int = 256,
             top_k: int = 3) -> tuple[list[dict], list[tuple[str, str]]]:
     """Class probabilities of each readable file, and (file, reason) for the others."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model = trained.model.to(device)
     readable, problems = read_images(files, invert)
     records = []

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from dist_alexnet.datasets import MEAN, STD, Split
+from dist_alexnet.device import use_cuda
+from dist_alexnet.schedule import BatchPlan
 
 PAD = 2  # pixels of zero padding on each side of a 28x28 image before the random 28x28 crop
 _MASK = 0xFFFFFFFF
@@ -115,17 +117,14 @@ class PILImages(Dataset):
         return self.transform(image), self.split.labels[i], i
 
 
-def make_loader(split: Split, cfg, train: bool, batch_size: int | None = None,
-                world_size: int = 1) -> tuple[DataLoader, EpochOrder]:
-    """A DataLoader of `batch_size` (default: cfg.batch_size) over `split` in EpochOrder, before
-    accelerator.prepare() shards it over `world_size` processes."""
-    batch_size = batch_size or cfg.batch_size
+def make_loader(split: Split, cfg, batch: BatchPlan, train: bool) -> tuple[DataLoader, EpochOrder]:
+    """A DataLoader of batch.per_process samples over `split` in EpochOrder, before accelerator.prepare() shards
+    it over batch.processes processes."""
     # Training leaves out the rest of an epoch that makes no whole optimizer step; evaluation keeps every
     # sample (gather_for_metrics removes the padding Accelerate adds to even out the ranks).
-    step_samples = batch_size * world_size * cfg.grad_accum if train else 1
-    order = EpochOrder(len(split), cfg.seed, shuffle=train, step_samples=step_samples)
-    batches = BatchSampler(order, batch_size, drop_last=train)
-    pin = torch.cuda.is_available()
+    order = EpochOrder(len(split), cfg.seed, shuffle=train, step_samples=batch.global_batch if train else 1)
+    batches = BatchSampler(order, batch.per_process, drop_last=train)
+    pin = use_cuda()
     # The loader draws its workers' base seed from this generator rather than from the global RNG, so
     # starting an epoch (or an evaluation) does not shift the dropout stream: resume stays exact.
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -105,8 +105,11 @@ def lr_find(cfg: TrainConfig, sweep: Sweep, json_path: str | None = None) -> dic
     """Run the range test; every rank returns the result (rank 0 wrote the files)."""
     from accelerate.utils import set_seed
 
-    from dist_alexnet.distributed import check_output_dir, load_data_on_every_rank, make_accelerator, on_main_process
+    from dist_alexnet.datasets import load_data_on_every_rank
+    from dist_alexnet.distributed import make_accelerator, on_main_process
     from dist_alexnet.inputs import make_loader
+    from dist_alexnet.rundir import RunDir
+    from dist_alexnet.schedule import BatchPlan
     from dist_alexnet.model import build_model
     from dist_alexnet.optimization import make_optimizer
 
@@ -116,15 +119,13 @@ def lr_find(cfg: TrainConfig, sweep: Sweep, json_path: str | None = None) -> dic
     out = Path(on_main_process(accelerator, lambda: cfg.output_dir or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}",
                                "naming the output directory"))
     on_main_process(accelerator, lambda: refuse_run_directory(out), "checking the output directory")
-    lock = check_output_dir(out, accelerator)
+    lock = RunDir(out).claim(accelerator)
     try:
         train_split, _ = load_data_on_every_rank(cfg, accelerator)
-        batch_size = cfg.per_process_batch(world)
-        global_batch = cfg.global_batch(world)
-        if len(train_split) < global_batch:
-            raise ConfigError(f"one optimizer step's {global_batch} samples are more than the {len(train_split)} "
-                              f"training samples; lower --batch-size or --global-batch-size")
-        loader, order = make_loader(train_split, cfg, train=True, batch_size=batch_size, world_size=world)
+        batch = BatchPlan.of(cfg, world)
+        batch.check_fits(cfg, len(train_split))
+        global_batch = batch.global_batch
+        loader, order = make_loader(train_split, cfg, batch, train=True)
         set_seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(cfg, accelerator.device)
         optimizer = make_optimizer(cfg, model, sweep.start_lr)
@@ -145,7 +146,7 @@ def lr_find(cfg: TrainConfig, sweep: Sweep, json_path: str | None = None) -> dic
                   "sweep": dataclasses.asdict(sweep), "plot": str(out / "lr_find.png"),
                   "lrs": lrs, "losses": losses, "smoothed_losses": smoothed}
         # the --lr that gives train the suggested learning rate at this global batch under the config's --lr-scaling
-        result["suggested_lr_option"] = result["suggested_lr"] * cfg.lr / cfg.effective_lr(world)
+        result["suggested_lr_option"] = result["suggested_lr"] * cfg.lr / batch.lr(cfg)
         result["config"] = {name: getattr(cfg, name) for name in LR_FIND_OPTIONS}
         on_main_process(accelerator, lambda: write_outputs(out, result, json_path), "writing the lr-find results")
     finally:

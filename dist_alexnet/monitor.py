@@ -24,7 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-from dist_alexnet.checkpoint import write_atomically
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
 from dist_alexnet.errors import ConfigError, Interrupted, first_line
@@ -33,6 +32,7 @@ from dist_alexnet.figures import (CHANCE_ACC, CHANCE_LOSS, class_accuracy_figure
 from dist_alexnet.inputs import training_input
 from dist_alexnet.preemption import requeue_slurm_job, should_requeue, stop_at_once_on_preemption
 from dist_alexnet.provenance import launch_command
+from dist_alexnet.rundir import RunDir, write_atomically
 
 # The metrics shown next to the configuration in TensorBoard's HPARAMS tab (the last value of each).
 HPARAM_METRICS = ("test/acc", "test/loss", "train/loss", "train/acc", "perf/images_per_sec")
@@ -110,7 +110,13 @@ def wait_to_sort_after_earlier_events(folder: Path) -> None:
         time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
 
-TRACKER_STATE = "trackers.json"
+# trackers.json: what a resume needs to continue the tracker runs (Monitor writes it, open_trackers reads it).
+TRACKER_STATE_FIELDS = {
+    "mlflow_run_id": "the MLflow run this run's figures go to",
+    "wandb_run_id": "the W&B run this run's figures go to",
+    "last_step": "the last step sent to them",
+    "history_of": "the options their figures were computed with (history_options)",
+}
 
 
 def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -> None:
@@ -120,6 +126,7 @@ def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -
     meanwhile (waiting for the first training step could take that long)."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
+    run_dir = RunDir(run_dir)
     names = cfg.trackers()
     main = accelerator.is_main_process
     saved = read_tracker_state(run_dir, log if main and set(names) - {"tensorboard"} else None) if start_step else {}
@@ -133,19 +140,19 @@ def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -
         saved = {"continues": {key: value for key, value in saved.items() if key.endswith("_run_id")}}
     trackers, where = [], {}
     for name in names:
-        if name == "tensorboard":  # events in <run_dir>/tensorboard
+        if name == "tensorboard":  # Accelerate's tracker writes into <logging_dir>/<run name>: RunDir.tensorboard
             purge = {"purge_step": start_step + 1} if start_step else {}
-            trackers.append(TensorBoardTracker("tensorboard", run_dir, **purge))
+            trackers.append(TensorBoardTracker(RunDir(run_dir).tensorboard.name, run_dir, **purge))
         elif name == "mlflow":
             where["mlflow"] = mlflow_tracking_uri(run_dir, log if accelerator.is_main_process else None)
-            trackers.append(MLflowTracker("dist-alexnet", run_id=saved.get("mlflow_run_id"), run_name=run_dir.name))
+            trackers.append(MLflowTracker("dist-alexnet", run_id=saved.get("mlflow_run_id"), run_name=run_dir.path.name))
         elif name == "wandb":  # WANDB_MODE=offline keeps it on disk, in <run_dir>/wandb
             import wandb
 
-            where["wandb"] = (f"{run_dir / 'wandb'} (offline)" if os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+            where["wandb"] = (f"{run_dir.wandb} (offline)" if os.environ.get("WANDB_MODE") in ("offline", "dryrun")
                               else os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
             trackers.append(WandBTracker("dist-alexnet", id=saved.get("wandb_run_id") or uuid.uuid4().hex[:12],
-                                         resume="allow", dir=str(run_dir), name=run_dir.name,
+                                         resume="allow", dir=str(run_dir), name=run_dir.path.name,
                                          settings=wandb.Settings(init_timeout=cfg.tracker_timeout)))
     accelerator.log_with = trackers
 
@@ -213,7 +220,7 @@ def mlflow_tracking_uri(run_dir: Path, log) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    database = Path(run_dir).resolve() / "mlflow.db"
+    database = RunDir(run_dir).mlflow_db.resolve()
     uri = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{database}"
     if log:
         log(f"MLflow: no MLFLOW_TRACKING_URI, so the run goes into {database} (see it with `mlflow ui "
@@ -242,7 +249,7 @@ def mlflow_request_limits(timeout: float):
 def read_tracker_state(run_dir: Path, log=None) -> dict:
     """trackers.json, or {} when there is none; one that cannot be read is said (`log`, rank 0): the resumed run's
     MLflow and W&B figures then go to new runs of theirs."""
-    path = Path(run_dir) / TRACKER_STATE
+    path = RunDir(run_dir).trackers
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
@@ -259,7 +266,8 @@ def read_tracker_state(run_dir: Path, log=None) -> dict:
     return {}
 
 
-def make_monitor(accelerator, cfg, effective: dict, start_step: int, run_dir: Path, log=print):
+def make_monitor(accelerator, cfg, effective: dict, start_step: int, run_dir: Path,
+                 log=print) -> Monitor | NullMonitor:
     """Monitor on rank 0 (call after open_trackers), NullMonitor elsewhere."""
     if accelerator.is_main_process:
         return Monitor(accelerator, cfg, effective, start_step, run_dir, log)
@@ -459,7 +467,8 @@ class Monitor:
         return state
 
     def _save_tracker_state(self) -> None:
-        write_atomically(self.run_dir / TRACKER_STATE, json.dumps(self.tracker_state) + "\n")
+        assert set(self.tracker_state) <= set(TRACKER_STATE_FIELDS), self.tracker_state
+        write_atomically(RunDir(self.run_dir).trackers, json.dumps(self.tracker_state) + "\n")
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         from tensorboard.plugins.text.summary_v2 import text_pb

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from dist_alexnet.device import default_device, use_cuda
+from dist_alexnet.rundir import RunDir
+
 
 def parse_steps(spec: str) -> tuple[int, int]:
     """"A:B" -> (A, B), 1 <= A <= B; ValueError otherwise."""
@@ -27,7 +30,7 @@ class StepProfiler:
 
     def __init__(self, spec: str, run_dir: Path, rank: int, log=print, top: int = 10):
         self.first, self.last = parse_steps(spec)
-        self.path = Path(run_dir) / "profile" / f"rank{rank}.json"
+        self.path = RunDir(run_dir).profile(rank)
         self.log, self.top, self.profile = log, top, None
         self.started, self.done = 0, 0  # the first step profiled, the last one completed
 
@@ -35,7 +38,7 @@ class StepProfiler:
         """Before a micro-batch of optimizer step `step`."""
         if self.profile is None and self.first <= step <= self.last:
             activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
+            if use_cuda():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profile = torch.profiler.profile(activities=activities, record_shapes=True)
             self.profile.start()
@@ -60,7 +63,7 @@ class StepProfiler:
         profile.stop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         profile.export_chrome_trace(str(self.path))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device().type
         table = profile.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=self.top)
         steps = f"{self.started}-{self.done}" if self.done else f"{self.started} (cut short)"
         cut = "" if self.done >= self.last else f", the run stopped inside --profile-steps {self.first}:{self.last}"

@@ -7,7 +7,6 @@ the end of a run; `dist-alexnet report RUN_DIR` rebuilds it, e.g. for a run that
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.errors import ReportError
 from dist_alexnet.figures import accuracy_figure, loss_figure, throughput_figure, to_png
+from dist_alexnet.rundir import RunDir, read_metrics
 from dist_alexnet.monitor import class_tag
 
 
@@ -61,12 +61,12 @@ def read_events(tensorboard_dir: Path) -> Events:
 def write_report(run_dir: str | Path) -> Path:
     """Write report.md and its PNG files into run_dir; return the report's path. A file that cannot be written
     (a read-only run directory, a full disk) is an OSError naming it; `dist-alexnet report` makes it one line."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    run_dir = RunDir(run_dir)
+    if not run_dir.path.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
-    events = read_events(run_dir / "tensorboard")
-    metrics = read_metrics(run_dir / "metrics.json")
-    config = read_config_text(run_dir / "config.yaml") or _uncode(_text(events, "run/config"))
+    events = read_events(run_dir.tensorboard)
+    metrics = read_metrics(run_dir.metrics)
+    config = read_config_text(run_dir.config) or _uncode(_text(events, "run/config"))
 
     s = events.scalars
     curves = {"loss.png": (loss_figure, "train/loss", "test/loss"),
@@ -75,16 +75,16 @@ def write_report(run_dir: str | Path) -> Path:
     figures = {}
     for name, (draw, main, extra) in curves.items():
         if s.get(main):
-            (run_dir / name).write_bytes(to_png(draw(s[main], s.get(extra))))
+            run_dir.figure(name).write_bytes(to_png(draw(s[main], s.get(extra))))
             figures[name] = True
     # Images TensorBoard already holds as PNG: the last one of each, as written during training.
     for name, tag in (("confusion_matrix.png", "test/confusion_matrix"), ("class_accuracy.png", "test/class_accuracy"),
                       ("misclassified.png", "test/misclassified"), ("inputs.png", "inputs/train_batch")):
         if events.images.get(tag):
-            (run_dir / name).write_bytes(events.images[tag][-1][1])
+            run_dir.figure(name).write_bytes(events.images[tag][-1][1])
             figures[name] = True
 
-    lines = [f"# Run report: {run_dir.resolve().name}", ""]
+    lines = [f"# Run report: {run_dir.path.resolve().name}", ""]
     lines += _headline(events, metrics)
     warnings = [text for tag in sorted(events.texts) if tag.startswith("warnings/")
                 for _, text in events.texts[tag]]
@@ -115,7 +115,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["", "## Configuration", "", "```yaml", config.rstrip("\n"), "```", "",
               "Rebuild this report: `dist-alexnet report RUN_DIR`. Watch the run: "
               "`tensorboard --logdir RUN_DIR/tensorboard`.", ""]
-    report = run_dir / "report.md"
+    report = run_dir.report
     report.write_text("\n".join(lines))
     return report
 
@@ -126,19 +126,6 @@ def read_config_text(path: Path) -> str | None:
         return path.read_text()
     except (OSError, UnicodeDecodeError):
         return None
-
-
-METRICS_KEYS = ("test_acc", "test_loss", "test_correct", "test_samples", "train_loss", "steps", "epochs", "world_size",
-                "distributed_type", "mixed_precision", "train_images_per_sec", "wall_seconds")
-
-
-def read_metrics(path: Path) -> dict | None:
-    """metrics.json as the trainer writes it, or None: missing, unreadable, cut short, or not its shape."""
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if isinstance(metrics, dict) and all(key in metrics for key in METRICS_KEYS) else None
 
 
 def _number(value, spec: str, missing: str = "n/a") -> str:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dist_alexnet.device import use_cuda
+
 
 @dataclass
 class TrainState:
@@ -44,12 +46,12 @@ class TrainState:
 def rng_state() -> dict:
     """This rank's random state: dropout is the only consumer (data order and loaders have their own)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if use_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and use_cuda():
         torch.cuda.set_rng_state(state["cuda"])

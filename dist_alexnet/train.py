@@ -2,7 +2,7 @@
 
 train() is the outline; each of its steps is a function below, in the order they run. Every rank runs
 all of it, and every collective call is made on all ranks. The few things one rank does for all (file
-writes, the run directory's name) go through dist_alexnet/distributed.py, which shares their outcome;
+writes, the run directory's name) go through distributed.on_main_process, which shares their outcome;
 printing goes through Progress and TensorBoard through the monitor, both silent on other ranks.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +18,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from dist_alexnet.checkpoint import (Expected, checkpoint_step, find_resume_checkpoint, list_checkpoints,
-                                     move_old_run_aside, save_checkpoint, write_atomically)
+from dist_alexnet.checkpoint import Expected, checkpoint_step, find_resume_checkpoint, list_checkpoints, save_checkpoint
 from dist_alexnet.config import TrainConfig, resume_changes, save_yaml
-from dist_alexnet.datasets import Split
+from dist_alexnet.datasets import Split, load_data_on_every_rank
 from dist_alexnet.debug_hooks import DebugHooks
-from dist_alexnet.distributed import (check_output_dir, choose_run_dir, collective_failed, is_collective_failure,
-                                      load_data_on_every_rank, make_accelerator, on_main_process)
+from dist_alexnet.distributed import collective_failed, is_collective_failure, make_accelerator, on_main_process
 from dist_alexnet.errors import ConfigError, TrainingDiverged
 from dist_alexnet.health import StragglerWatch, check_replicas_agree
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
 from dist_alexnet.model import build_model
-from dist_alexnet.monitor import make_monitor, open_trackers, wait_to_sort_after_earlier_events
+from dist_alexnet.monitor import Monitor, NullMonitor, make_monitor, open_trackers, wait_to_sort_after_earlier_events
 from dist_alexnet.optimization import (LRSchedule, WeightEMA, make_optimizer, optimizer_implementation,
                                        set_learning_rate)
 from dist_alexnet.parallel import DataParallel, make_parallelism
@@ -39,7 +35,8 @@ from dist_alexnet.preemption import PreemptionFlag, requeue_slurm_job, should_re
 from dist_alexnet.profiling import NoProfiler, StepProfiler
 from dist_alexnet.progress import Progress
 from dist_alexnet.report import write_report
-from dist_alexnet.schedule import Schedule
+from dist_alexnet.rundir import RunDir, write_metrics
+from dist_alexnet.schedule import BatchPlan, Schedule
 from dist_alexnet.state import TrainState, rng_state, set_rng_state
 from dist_alexnet.stats import StepStats
 from dist_alexnet.steps import StepAsks, TrainStep, evaluate
@@ -50,20 +47,19 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> dict:
     After a preemption signal it saves a checkpoint and returns {"preempted": True, ...} instead.
     `preemption`: the signal handlers, when the caller installed them earlier (the command line does)."""
     started = time.perf_counter()
-    run, state = None, None
+    parts, state = None, None
     with contextlib.ExitStack() as held:  # the signal handlers, the run directory's lock, the debug hooks
         preemption = preemption or held.enter_context(PreemptionFlag())
         try:
-            run = set_up(cfg, held)
-            state = restore(run)
-            plan(run, state)
-            start_logging(run, state)
+            parts = set_up(cfg, held)
+            state, resumed_from = restore(parts)
+            run = start(parts, state, resumed_from)
             return fit(run, state, preemption, held.enter_context(DebugHooks(run.accelerator.process_index)),
                        started)
         except RuntimeError as err:  # another rank died or hung: one line here, not a watchdog's trace
-            if run is None or not is_collective_failure(err):
+            if parts is None or not is_collective_failure(err):
                 raise
-            raise collective_failed(err, run.accelerator, state.step if state else 0, cfg.collective_timeout) from err
+            raise collective_failed(err, parts.accelerator, state.step if state else 0, cfg.collective_timeout) from err
 
 
 def fit(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: DebugHooks, started: float) -> dict:
@@ -82,12 +78,11 @@ def fit(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: DebugHoo
 
 
 @dataclass
-class Run:
-    """What a training run is made of (every rank has its own): built by set_up(); plan() adds the schedules,
-    start_logging() the running figures and the monitor."""
+class Parts:
+    """What a training run is made of before its state is known (every rank has its own): built by set_up()."""
     cfg: TrainConfig
     accelerator: Accelerator
-    dir: Path
+    dir: RunDir
     progress: Progress
     train_split: Split
     test_split: Split
@@ -98,17 +93,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     parallel: DataParallel  # how the model is spread over the ranks: --parallelism (parallel.py)
     ema: WeightEMA | None  # the moving average of the weights (--ema-decay), evaluated instead of them
-    batch_size: int  # per process per micro-batch
+    batch: BatchPlan
     lr: float  # the peak learning rate: --lr after --lr-scaling
-    schedule: Schedule = field(init=False)
-    lr_schedule: LRSchedule = field(init=False)
-    stats: StepStats = field(init=False)
-    train_step: TrainStep = field(init=False)
-    stragglers: StragglerWatch = field(init=False)
-    monitor: object = field(init=False)
-    profiler: StepProfiler | NoProfiler = field(init=False)
-    resumed_from: Path | None = None  # retention never deletes it
-    last_save: float = field(default_factory=time.monotonic)  # rank 0's clock decides --checkpoint-minutes
 
     @property
     def signature(self) -> dict:
@@ -117,28 +103,41 @@ class Run:
                 "train_samples": len(self.train_split), "test_samples": len(self.test_split)}
 
 
+@dataclass
+class Run(Parts):
+    """The parts, and what start() plans and opens from the state the run starts at."""
+    resumed_from: Path | None  # retention never deletes it
+    schedule: Schedule
+    lr_schedule: LRSchedule
+    stats: StepStats
+    train_step: TrainStep
+    stragglers: StragglerWatch
+    monitor: Monitor | NullMonitor
+    profiler: StepProfiler | NoProfiler
+    last_save: float = field(default_factory=time.monotonic)  # rank 0's clock decides --checkpoint-minutes
+
+
 # ----------------------------------------------------------------------------- before the loop
 
-def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
+def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Parts:
     """The Accelerator, the run directory (checked writable and locked before any work; the lock is `held`
     until the run ends), the data, the model with the same initial weights on every rank, its optimizer (and
     weight average) and the loaders, prepared for DDP and mixed precision."""
     accelerator = make_accelerator(cfg)
-    world = accelerator.num_processes
     progress = Progress(enabled=accelerator.is_main_process)
-    run_dir = choose_run_dir(cfg, accelerator)
-    lock = check_output_dir(run_dir, accelerator)
+    run_dir = RunDir.choose(cfg.output_dir, accelerator)
+    lock = run_dir.claim(accelerator)
     if lock is not None:
         held.callback(lock.release)
     train_split, test_split = load_data_on_every_rank(cfg, accelerator)
-    batch_size = cfg.per_process_batch(world)
-    check_batch_fits(cfg, world, len(train_split))
-    train_loader, train_order = make_loader(train_split, cfg, train=True, batch_size=batch_size, world_size=world)
-    test_loader, _ = make_loader(test_split, cfg, train=False, batch_size=batch_size)
+    batch = BatchPlan.of(cfg, accelerator.num_processes)
+    batch.check_fits(cfg, len(train_split))
+    train_loader, train_order = make_loader(train_split, cfg, batch, train=True)
+    test_loader, _ = make_loader(test_split, cfg, batch, train=False)
     parallel = make_parallelism(cfg, accelerator)
     set_seed(cfg.seed)  # the same initial weights on every rank
     model = parallel.split(build_model(cfg, accelerator.device))
-    lr = cfg.effective_lr(world)
+    lr = batch.lr(cfg)
     optimizer = make_optimizer(cfg, model, lr)
     ema = None
     if cfg.ema_decay is not None:
@@ -148,32 +147,22 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     if ema is not None:  # evaluated under the same autocast as the model, without a DDP wrapper
         ema.average = accelerator.prepare_model(ema.average, evaluation_mode=True)
     set_seed(cfg.seed, device_specific=True)  # and a dropout stream of its own
-    return Run(cfg, accelerator, run_dir, progress, train_split, test_split, train_loader, train_order,
-               test_loader, model, optimizer, parallel, ema, batch_size, lr)
+    return Parts(cfg, accelerator, run_dir, progress, train_split, test_split, train_loader, train_order,
+                 test_loader, model, optimizer, parallel, ema, batch, lr)
 
 
-def check_batch_fits(cfg: TrainConfig, world: int, train_samples: int) -> None:
-    """One optimizer step's samples must not outnumber the training split (an epoch would have no step)."""
-    step_samples = cfg.global_batch(world)
-    if train_samples < step_samples:
-        given = (f"--global-batch-size {cfg.global_batch_size}" if cfg.global_batch_size
-                 else f"--batch-size {cfg.batch_size} x {world} process(es)"
-                      + (f" x --grad-accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "") + f" = {step_samples}")
-        raise ConfigError(f"{given} is larger than the {train_samples} training samples; lower "
-                          f"{'--global-batch-size' if cfg.global_batch_size else '--batch-size'}")
-
-
-def restore(run: Run) -> TrainState:
+def restore(run: Parts) -> tuple[TrainState, Path | None]:
     """The state to start from: the checkpoint --resume chooses, checked against this run's model, optimizer and
     options, then loaded into the model, the optimizer, the gradient scaler, the weight average and every
-    rank's RNG (each rank reads the same files and so makes the same choice); or a fresh state."""
+    rank's RNG (each rank reads the same files and so makes the same choice); or a fresh state. Returns the
+    state and the checkpoint it came from (None for a fresh state)."""
     cfg, accelerator, log = run.cfg, run.accelerator, run.progress.log
     state = TrainState()
     expected = Expected.of(run.signature, accelerator.unwrap_model(run.model), run.optimizer, run.parallel.full_shape)
     loaded = find_resume_checkpoint(run.dir, cfg.resume, log, expected)
     keep_clear_of_newer_checkpoints(run, loaded["trainer_state"]["step"] if loaded else 0)
     if loaded is None:
-        return state
+        return state, None
     saved = loaded["trainer_state"]
     for change in resume_changes(saved["config"], cfg, mid_epoch=saved["position"] > 0, checkpoint=loaded["path"]):
         log(f"resume: {change} from step {saved['step']}")
@@ -197,13 +186,12 @@ def restore(run: Run) -> TrainState:
         log(f"note: the checkpoint was made by {len(saved_rng)} process(es), this run has {accelerator.num_processes}: "
             f"the data continues from the same sample, dropout streams are re-seeded where missing")
     state.load_state_dict(saved)
-    run.resumed_from = loaded["path"]
     log(f"resumed from {loaded['path']} at step {state.step} (epoch {state.epoch + 1}, sample {state.position} of "
         f"{len(run.train_split)})")
-    return state
+    return state, loaded["path"]
 
 
-def keep_clear_of_newer_checkpoints(run: Run, start_step: int) -> None:
+def keep_clear_of_newer_checkpoints(run: Parts, start_step: int) -> None:
     """A run that starts afresh (--resume none) or from an older step (--resume PATH) in a directory that holds
     newer checkpoints would mix its checkpoints with them, and retention (by step) would delete its own: refused,
     or with --move-old-checkpoints the old run is moved aside first. (--resume auto starts from the newest valid
@@ -216,43 +204,48 @@ def keep_clear_of_newer_checkpoints(run: Run, start_step: int) -> None:
                           f"run starts from ({start_step}): its checkpoints would mix with them and retention would "
                           f"delete them; choose another --output-dir, or add --move-old-checkpoints to move the old "
                           f"run aside")
-    moved = on_main_process(run.accelerator, lambda: move_old_run_aside(run.dir), "moving the old run aside")
+    moved = on_main_process(run.accelerator, run.dir.move_old_run_aside, "moving the old run aside")
     run.progress.log(f"moved the earlier run's checkpoints, events and results to {moved}")
 
 
-def plan(run: Run, state: TrainState) -> None:
-    """When things happen from `state` on, and the learning rate of every step of --epochs."""
-    run.schedule = Schedule.plan(run.cfg, len(run.train_split), run.accelerator.num_processes, state)
-    run.lr_schedule = LRSchedule.plan(run.cfg, run.lr, run.schedule.steps_per_epoch)
-
-
-def start_logging(run: Run, state: TrainState) -> None:
-    """config.yaml, the trackers, the monitor, the profiler, the progress bar and the run's first log lines."""
-    cfg, accelerator = run.cfg, run.accelerator
+def start(parts: Parts, state: TrainState, resumed_from: Path | None) -> Run:
+    """The run from `state` on: when things happen and the learning rate of every step of --epochs; config.yaml,
+    the trackers, the monitor, the profiler, the progress bar and the run's first log lines."""
+    cfg, accelerator, log = parts.cfg, parts.accelerator, parts.progress.log
+    schedule = Schedule.plan(cfg, len(parts.train_split), parts.batch, state)
 
     def prepare_run_files():
-        save_yaml(cfg, run.dir / "config.yaml")
-        wait_to_sort_after_earlier_events(run.dir / "tensorboard")
+        save_yaml(cfg, parts.dir.config)
+        wait_to_sort_after_earlier_events(parts.dir.tensorboard)
 
     on_main_process(accelerator, prepare_run_files, "writing config.yaml")
-    open_trackers(accelerator, cfg, run.dir, start_step=state.step, log=run.progress.log)
-    run.stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
-    run.train_step = TrainStep(run.model, run.optimizer, accelerator, run.parallel, run.stats,
-                               label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
-    run.stragglers = StragglerWatch(cfg.straggler_factor)
-    effective = {"per_process_batch": run.batch_size, "global_batch": run.schedule.step_samples, "lr": run.lr}
-    run.monitor = make_monitor(accelerator, cfg, effective, state.step, run.dir, log=run.progress.log)
-    run.profiler = (StepProfiler(cfg.profile_steps, run.dir, accelerator.process_index, run.progress.log)
-                    if cfg.profile_steps else NoProfiler())
-    run.progress.start(total=run.schedule.total_steps, initial=state.step)
-    world = accelerator.num_processes
+    open_trackers(accelerator, cfg, parts.dir, start_step=state.step, log=log)
+    stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
+    effective = {"per_process_batch": parts.batch.per_process, "global_batch": parts.batch.global_batch,
+                 "lr": parts.lr}
+    run = Run(**{f.name: getattr(parts, f.name) for f in dataclasses.fields(Parts)}, resumed_from=resumed_from,
+              schedule=schedule, lr_schedule=LRSchedule.plan(cfg, parts.lr, schedule.steps_per_epoch), stats=stats,
+              train_step=TrainStep(parts.model, parts.optimizer, accelerator, parts.parallel, stats,
+                                   label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip),
+              stragglers=StragglerWatch(cfg.straggler_factor),
+              monitor=make_monitor(accelerator, cfg, effective, state.step, parts.dir, log=log),
+              profiler=(StepProfiler(cfg.profile_steps, parts.dir, accelerator.process_index, log)
+                        if cfg.profile_steps else NoProfiler()))
+    run.progress.start(total=schedule.total_steps, initial=state.step)
+    log_start(run)
+    return run
+
+
+def log_start(run: Run) -> None:
+    """The run's first log lines: where, on what, how it optimizes, and how DDP took its options."""
+    cfg, accelerator, world, batch = run.cfg, run.accelerator, run.accelerator.num_processes, run.batch
     run.progress.log(f"run directory {run.dir} | {world} process(es), {accelerator.distributed_type.value}, "
                      f"mixed precision {accelerator.mixed_precision} | {len(run.train_split)} train / "
-                     f"{len(run.test_split)} test samples, global batch {run.schedule.step_samples}, "
+                     f"{len(run.test_split)} test samples, global batch {batch.global_batch}, "
                      f"{run.schedule.total_steps} steps | parallelism {run.parallel.describe()}")
     run.progress.log(describe_optimization(run))
     if world > 1 and cfg.global_batch_size is None and cfg.lr_scaling == "none":
-        run.progress.log(f"note: global batch {run.schedule.step_samples} ({run.batch_size} per process x {world} "
+        run.progress.log(f"note: global batch {batch.global_batch} ({batch.per_process} per process x {world} "
                          f"processes{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}); the "
                          f"learning rate was not scaled for it (--global-batch-size or --lr-scaling keep results "
                          f"comparable across process counts)")
@@ -266,7 +259,7 @@ def describe_optimization(run: Run) -> str:
     """One log line: the optimizer, its learning rate and schedule, and the regularization in use."""
     cfg, lr = run.cfg, run.lr_schedule
     scaled = "" if cfg.lr_scaling == "none" else (f" (--lr {cfg.lr:g} scaled {cfg.lr_scaling} from batch "
-                                                  f"{cfg.lr_reference_batch} to {run.schedule.step_samples})")
+                                                  f"{cfg.lr_reference_batch} to {run.batch.global_batch})")
     extras = [f"{name} {value:g}" for name, value in (
         ("weight decay", cfg.weight_decay), ("grad clip", cfg.grad_clip or 0), ("label smoothing", cfg.label_smoothing),
         ("EMA decay", cfg.ema_decay or 0)) if value]
@@ -296,7 +289,7 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
             checkpoint_due=run.schedule.checkpoint_due(time.monotonic() - run.last_save),
             measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step),
             delay_seconds=hooks.slow_seconds))
-        state.position += run.schedule.micro_samples
+        state.position += run.batch.micro_samples
         if end is None:  # inside a gradient-accumulation group
             continue
         if end.nonfinite_ranks:
@@ -377,17 +370,17 @@ def save(run: Run, state: TrainState, test_acc: float | None = None) -> Path:
     state.pending_train_sums = run.stats.pending()
     rng_states = gather_object([rng_state()])
     # the full, unsharded state (under --parallelism hybrid every rank takes part in gathering the shards)
-    files = {"model.safetensors": run.parallel.full_state_dict(run.model),
-             "optimizer.pt": run.parallel.full_optimizer_state(run.optimizer, run.model), "rng_states.pt": rng_states}
+    contents = {"model": run.parallel.full_state_dict(run.model),
+                "optimizer": run.parallel.full_optimizer_state(run.optimizer, run.model), "rng_states": rng_states}
     if accelerator.scaler is not None:
-        files["scaler.pt"] = accelerator.scaler.state_dict()
+        contents["scaler"] = accelerator.scaler.state_dict()
     if run.ema is not None:
-        files["ema.safetensors"] = run.parallel.full_state_dict(run.ema.average)
+        contents["ema"] = run.parallel.full_state_dict(run.ema.average)
 
     def write() -> Path:
         trainer_state = {**state.state_dict(), "test_acc": test_acc, "world_size": accelerator.num_processes,
                          "signature": run.signature, "config": run.cfg.to_dict()}
-        return save_checkpoint(run.dir, state.step, files, trainer_state, run.cfg.keep_checkpoints,
+        return save_checkpoint(run.dir, state.step, contents, trainer_state, run.cfg.keep_checkpoints,
                                protect=run.resumed_from)
 
     path = on_main_process(accelerator, write, "writing a checkpoint")
@@ -446,23 +439,18 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
     speed = metrics["train_images_per_sec"]
     run.progress.log(f"test accuracy {metrics['test_acc']:.4f} | "
                      f"{f'{speed:.0f} images/s' if speed is not None else 'nothing left to train'} "
-                     f"| metrics: {run.dir / 'metrics.json'} | report: {report}")
+                     f"| metrics: {run.dir.metrics} | report: {report}")
     if "tensorboard" in run.cfg.trackers():
-        run.progress.log(f"watch it: tensorboard --logdir {run.dir / 'tensorboard'}")
+        run.progress.log(f"watch it: tensorboard --logdir {run.dir.tensorboard}")
     accelerator.end_training()
     return metrics
 
 
-def write_results(run_dir: Path, metrics: dict, report: bool = True) -> Path | str:
-    """metrics.json (strict JSON, written atomically: a NaN becomes null) and, from the TensorBoard events, the
-    end-of-run report (rank 0); a failed write (a full disk) is one line for every rank."""
-    def finite(value):
-        return None if isinstance(value, float) and not math.isfinite(value) else value
-
-    text = json.dumps({k: [finite(v) for v in value] if isinstance(value, list) else finite(value)
-                       for k, value in metrics.items()}, indent=2, allow_nan=False) + "\n"
+def write_results(run_dir: RunDir, metrics: dict, report: bool = True) -> Path | str:
+    """metrics.json and, from the TensorBoard events, the end-of-run report (rank 0); a failed write (a full disk)
+    is one line for every rank."""
     try:
-        write_atomically(run_dir / "metrics.json", text)
+        write_metrics(run_dir.metrics, metrics)
         if not report:
             return "none (it is built from TensorBoard's events: --report-to tensorboard)"
         return write_report(run_dir)

@@ -246,7 +246,7 @@ def test_fp16_gradient_overflow_is_reported_not_fatal(tmp_path, monkeypatch):
 
 def test_results_are_written_whole_or_not_at_all_on_a_full_disk(small_disk):
     """metrics.json goes through a temporary file: a full disk leaves the previous file (or none), never a part."""
-    from dist_alexnet.checkpoint import write_atomically
+    from dist_alexnet.rundir import write_atomically
 
     target = small_disk / "metrics.json"
     target.write_text('{"old": true}\n')

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.datasets import MEAN, STD, Split
 from dist_alexnet.inputs import PAD, crop_flip, make_loader, to_model_input, training_input
+from dist_alexnet.schedule import BatchPlan
 
 # PIL resizes in fixed point and rounds its output to 8 bits: the pipelines differ by up to 1/255 of
 # the [0, 1] range per pixel (measured: max exactly 1/255, mean about 0.3/255), i.e. 1 / (255 * STD)
@@ -27,8 +28,9 @@ def random_split(n: int, seed: int = 0) -> Split:
 def test_device_and_torchvision_pipelines_give_the_same_tensors(image_size):
     split = random_split(96)
     cfg = TrainConfig(image_size=image_size, batch_size=48, num_workers=0, seed=3)
-    device_loader, _ = make_loader(split, dataclasses.replace(cfg, pipeline="device"), train=True)
-    torchvision_loader, _ = make_loader(split, dataclasses.replace(cfg, pipeline="torchvision"), train=True)
+    batch = BatchPlan.of(cfg, 1)
+    device_loader, _ = make_loader(split, dataclasses.replace(cfg, pipeline="device"), batch, train=True)
+    torchvision_loader, _ = make_loader(split, dataclasses.replace(cfg, pipeline="torchvision"), batch, train=True)
     for device_batch, torchvision_batch in zip(device_loader, torchvision_loader, strict=True):
         device_inputs, device_labels = training_input(device_batch, cfg, epoch=0)
         torchvision_inputs, torchvision_labels = training_input(torchvision_batch, cfg, epoch=0)

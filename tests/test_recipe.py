@@ -17,6 +17,7 @@ from dist_alexnet.checkpoint import list_checkpoints
 from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.datasets import SAMPLE_DIR, SAMPLE_FILES, load_sample, read_idx
 from dist_alexnet.optimization import LRSchedule
+from dist_alexnet.schedule import BatchPlan
 from tests.helpers import REPO, metrics, run, scalars, steps_per_epoch, train_tiny
 
 SHARED_SAMPLE = REPO.parent / "shared" / "fashion-mnist-sample"
@@ -86,8 +87,9 @@ def test_compare_recipes_gives_a_global_batch_preset_its_global_batch():
     args = build_parser().parse_args(["train", "--config", long, "--dataset", "fashion-mnist-sample", "--epochs", "6",
                                       "--image-size", "64", compare.batch_flag(long), "64"])
     cfg = config_from_args(args)
-    assert (cfg.global_batch(1), cfg.lr_schedule, cfg.random_erasing, cfg.augment) == (64, "onecycle", 0.2, True)
-    assert cfg.effective_lr(1) == pytest.approx(1.4e-3 * math.sqrt(64 / 128))
+    batch = BatchPlan.of(cfg, 1)
+    assert (batch.global_batch, cfg.lr_schedule, cfg.random_erasing, cfg.augment) == (64, "onecycle", 0.2, True)
+    assert batch.lr(cfg) == pytest.approx(1.4e-3 * math.sqrt(64 / 128))
 
 
 # ----------------------------------------------------------------------------- learning-rate schedules
@@ -131,13 +133,14 @@ def test_lr_scaling_scales_from_the_reference_batch_to_the_global_batch(tmp_path
                         "--lr-reference-batch", "16")
     assert "learning rate 0.002 (--lr 0.001 scaled linear from batch 16 to 32)" in result.stdout
     assert [lr for _, lr in scalars(run_dir, "train/lr")] == pytest.approx([2e-3, 2e-3])
-    assert TrainConfig(lr_scaling="sqrt", batch_size=128).validate().effective_lr(4) == pytest.approx(2e-3)
+    cfg = TrainConfig(lr_scaling="sqrt", batch_size=128).validate()
+    assert BatchPlan.of(cfg, 4).lr(cfg) == pytest.approx(2e-3)
 
 
 def test_the_global_batch_must_divide_by_processes_and_accumulation():
     with pytest.raises(ConfigError, match=r"--global-batch-size 100 does not divide by 1 process\(es\) x "
                                           r"--grad-accum 3 = 3: use a multiple of 3 \(e.g. 99 or 102\)"):
-        TrainConfig(global_batch_size=100, grad_accum=3).validate().per_process_batch(1)
+        BatchPlan.of(TrainConfig(global_batch_size=100, grad_accum=3).validate(), 1)
 
 
 # ----------------------------------------------------------------------------- the same optimization on 1 or 2

@@ -44,7 +44,9 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.datasets import Split
 from dist_alexnet.distributed import make_accelerator
+from dist_alexnet.device import use_cuda
 from dist_alexnet.inputs import make_loader, to_model_input, training_input
+from dist_alexnet.schedule import BatchPlan
 from dist_alexnet.model import AlexNet, build_model
 from dist_alexnet.optimization import make_optimizer, optimizer_implementation
 from dist_alexnet.parallel import DataParallel
@@ -127,8 +129,9 @@ def make_measurements(cfg: TrainConfig, accelerator) -> tuple[dict, object]:
                   torch.randint(0, 10, (NUM_IMAGES,), generator=generator))
     device_cfg = dataclasses.replace(cfg, pipeline="device")
     torchvision_cfg = dataclasses.replace(cfg, pipeline="torchvision", augment=False)
-    device_loader, device_order = make_loader(split, device_cfg, train=True)
-    torchvision_loader, torchvision_order = make_loader(split, torchvision_cfg, train=True)
+    batch = BatchPlan.of(cfg, 1)
+    device_loader, device_order = make_loader(split, device_cfg, batch, train=True)
+    torchvision_loader, torchvision_order = make_loader(split, torchvision_cfg, batch, train=True)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dev)
@@ -345,7 +348,7 @@ def scaling_problems(args) -> list[str]:
     tp = args.tensor_parallel_size or args.processes
     if "hybrid" in args.parallelism and (tp < 1 or args.processes % tp):
         problems.append(f"--tensor-parallel-size {tp} must divide --processes {args.processes}")
-    if args.processes > 1 and args.device != "cpu" and torch.cuda.is_available() \
+    if args.processes > 1 and args.device != "cpu" and use_cuda() \
             and torch.cuda.device_count() < args.processes:
         problems.append(f"--processes {args.processes}: only {torch.cuda.device_count()} GPUs here (--device cpu "
                         f"runs them on the CPU)")
@@ -357,7 +360,7 @@ def main(args) -> int:
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"  # Accelerate (and the fp16 check) then use the CPU even with a GPU
     problems = []
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not use_cuda():
         problems.append("--device cuda: no usable CUDA GPU here; use --device cpu or auto")
     problems += [f"--{name} must be >= {low} (got {getattr(args, name)})"
                 for name, low in (("steps", 1), ("windows", 1), ("warmup", 0)) if getattr(args, name) < low]

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dist_alexnet.config import TrainConfig, resolve_mixed_precision
+from dist_alexnet.device import use_cuda
 from dist_alexnet.distributed import make_accelerator
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import build_model
@@ -95,7 +96,7 @@ def launch_variant(args, cfg, parallelism: str, hook: str, bucket_mb: int, threa
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(args.processes), "-m", "dist_alexnet.perf.scaling_benchmark", *worker_args]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        if args.device == "cpu" or not cuda_available():
+        if args.device == "cpu" or not use_cuda():
             env["ACCELERATE_USE_CPU"] = "1"
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
@@ -110,11 +111,6 @@ def worker_error(output: str) -> str:
     errors = [line for line in lines if re.match(r"(\[rank\d+\]: )?\w*(Error|Exception)\b", line)]
     exits = [line for line in lines if re.search(r"exitcode|Signal \d+|terminate called", line)]
     return (errors or exits or lines or ["no output"])[-1]
-
-
-def cuda_available() -> bool:
-
-    return torch.cuda.is_available()
 
 
 def format_scaling(r: dict) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dist_alexnet.config import TrainConfig
+from dist_alexnet.device import default_device
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import AlexNet, build_model
 from dist_alexnet.optimization import make_optimizer
@@ -339,7 +340,7 @@ def load_profile(path: str) -> StepProfile:
 
 def measured_profile(batch_size: int, image_size: int, mixed_precision: str, model_width: float = 1.0) -> StepProfile:
     """One process's step profile, measured here (CUDA when available)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     cfg = TrainConfig(batch_size=batch_size, image_size=image_size, model_width=model_width)
     model = build_model(cfg, device)
     optimizer = make_optimizer(cfg, model, cfg.lr)
