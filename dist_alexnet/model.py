@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
 from torch import nn
 
 
@@ -54,7 +55,7 @@ class AlexNet(nn.Module, PyTorchModelHubMixin, library_name="dist-alexnet", pipe
         from safetensors.torch import save_file
 
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(weights, str(Path(save_directory) / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(Path(save_directory) / SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
 
 
 def channel_widths(width: float) -> tuple[int, ...]:

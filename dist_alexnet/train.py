@@ -96,6 +96,10 @@ class Parts:
     batch: BatchPlan
     lr: float  # the peak learning rate: --lr after --lr-scaling
 
+    def by_name(self) -> dict:
+        """The parts as keyword arguments (dataclasses.asdict would copy them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Parts)}
+
     @property
     def signature(self) -> dict:
         """What a checkpoint must have been made for to be resumed by this run."""
@@ -221,16 +225,17 @@ def start(parts: Parts, state: TrainState, resumed_from: Path | None) -> Run:
     on_main_process(accelerator, prepare_run_files, "writing config.yaml")
     open_trackers(accelerator, cfg, parts.dir, start_step=state.step, log=log)
     stats = StepStats(accelerator, start_step=state.step, pending=state.pending_train_sums)
+    train_step = TrainStep(parts.model, parts.optimizer, accelerator, parts.parallel, stats,
+                           label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
     effective = {"per_process_batch": parts.batch.per_process, "global_batch": parts.batch.global_batch,
                  "lr": parts.lr}
-    run = Run(**{f.name: getattr(parts, f.name) for f in dataclasses.fields(Parts)}, resumed_from=resumed_from,
-              schedule=schedule, lr_schedule=LRSchedule.plan(cfg, parts.lr, schedule.steps_per_epoch), stats=stats,
-              train_step=TrainStep(parts.model, parts.optimizer, accelerator, parts.parallel, stats,
-                                   label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip),
-              stragglers=StragglerWatch(cfg.straggler_factor),
-              monitor=make_monitor(accelerator, cfg, effective, state.step, parts.dir, log=log),
-              profiler=(StepProfiler(cfg.profile_steps, parts.dir, accelerator.process_index, log)
-                        if cfg.profile_steps else NoProfiler()))
+    monitor = make_monitor(accelerator, cfg, effective, state.step, parts.dir, log=log)
+    profiler = (StepProfiler(cfg.profile_steps, parts.dir, accelerator.process_index, log) if cfg.profile_steps
+                else NoProfiler())
+    run = Run(**parts.by_name(), resumed_from=resumed_from, schedule=schedule,
+              lr_schedule=LRSchedule.plan(cfg, parts.lr, schedule.steps_per_epoch), stats=stats,
+              train_step=train_step, stragglers=StragglerWatch(cfg.straggler_factor), monitor=monitor,
+              profiler=profiler)
     run.progress.start(total=schedule.total_steps, initial=state.step)
     log_start(run)
     return run
