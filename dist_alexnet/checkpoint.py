@@ -262,8 +262,8 @@ def _trainer_state_problems(state: dict):
         yield f"applied_steps is {applied!r}, not a whole number from 0 to the step, {step}"
     if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
         yield f"signature.train_samples is {samples!r}, not a positive whole number"
-    elif position >= samples:
-        yield f"position {position} is not inside an epoch of {samples} training samples"
+    elif position > samples:  # == samples: preempted at the epoch's last step, before its evaluation
+        yield f"position {position} is past the end of an epoch of {samples} training samples"
     if state["world_size"] < 1:
         yield f"world_size is {state['world_size']}, not a positive number of processes"
     for key in ("test_acc", "best_test_acc"):

@@ -8,14 +8,25 @@
                                   (tests the ranks' consistency check)
   DIST_ALEXNET_SLOW_RANK=R:SEC    rank R sleeps SEC seconds before each micro-batch's forward (tests the
                                   straggler warning)
+  DIST_ALEXNET_SIGNAL=R:S         rank R sends itself SIGUSR1 before optimizer step S (tests a preemption at a
+                                  chosen step, such as an epoch's last one, where timing a real signal cannot)
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
+
+
+def _for_rank(env, name: str, rank: int, kind: type):
+    """The value of a hook set as RANK:VALUE, when it names this rank; else None."""
+    if not env.get(name):
+        return None
+    target_rank, value = env[name].split(":")
+    return kind(value) if int(target_rank) == rank else None
 
 
 class DebugHooks:
@@ -23,17 +34,10 @@ class DebugHooks:
 
     def __init__(self, rank: int, env=os.environ):
         self.rank = rank
-        self.nan_step = None
-        if env.get("DIST_ALEXNET_INJECT_NAN"):
-            target_rank, target_step = (int(x) for x in env["DIST_ALEXNET_INJECT_NAN"].split(":"))
-            self.nan_step = target_step if target_rank == rank else None
-        self.perturb_step = self.slow_seconds = None
-        if env.get("DIST_ALEXNET_PERTURB"):
-            target_rank, target_step = (int(x) for x in env["DIST_ALEXNET_PERTURB"].split(":"))
-            self.perturb_step = target_step if target_rank == rank else None
-        if env.get("DIST_ALEXNET_SLOW_RANK"):
-            target_rank, seconds = env["DIST_ALEXNET_SLOW_RANK"].split(":")
-            self.slow_seconds = float(seconds) if int(target_rank) == rank else None
+        self.nan_step = _for_rank(env, "DIST_ALEXNET_INJECT_NAN", rank, int)
+        self.perturb_step = _for_rank(env, "DIST_ALEXNET_PERTURB", rank, int)
+        self.slow_seconds = _for_rank(env, "DIST_ALEXNET_SLOW_RANK", rank, float)
+        self.signal_step = _for_rank(env, "DIST_ALEXNET_SIGNAL", rank, int)
         self.sample_log_dir = env.get("DIST_ALEXNET_SAMPLE_LOG")
         self.sample_log = None
 
@@ -46,6 +50,12 @@ class DebugHooks:
     def __exit__(self, *exc) -> None:
         if self.sample_log:
             self.sample_log.close()
+
+    def signal_before(self, step: int) -> None:
+        """Before optimizer step `step`: SIGUSR1 to this process, when DIST_ALEXNET_SIGNAL names it (once)."""
+        if self.signal_step == step:
+            self.signal_step = None
+            signal.raise_signal(signal.SIGUSR1)
 
     def poisons(self, step: int) -> bool:
         """Whether this rank's loss is to be made NaN at optimizer step `step`."""

@@ -286,6 +286,7 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
         step = state.step + 1  # the optimizer step this micro-batch belongs to
         run.profiler.before(step)
         hooks.record_samples(state.epoch, step, batch)
+        hooks.signal_before(step)
         run.monitor.show_inputs(batch, state.epoch, state.step)
         set_learning_rate(run.optimizer, run.lr_schedule.lr(state.applied_steps))
         inputs, labels = training_input(batch, run.cfg, state.epoch)

@@ -233,7 +233,7 @@ def tampered_checkpoint(tmp, run_dir, **fields):
 TAMPERED_CASES = {
     "trainer_state_negative_applied_steps": ({"applied_steps": -5}, "applied_steps is -5, not a whole number from 0"),
     "trainer_state_position_past_the_epoch": ({"position": 10**9},
-                                              f"position {10**9} is not inside an epoch of {TRAIN_SAMPLES}"),
+                                              f"position {10**9} is past the end of an epoch of {TRAIN_SAMPLES}"),
     "trainer_state_accuracy_above_one": ({"best_test_acc": 7.5}, "best_test_acc is 7.5, not an accuracy"),
     "trainer_state_nan_pending_sums": ({"pending_train_sums": [1, "x", 2]}, "pending_train_sums is [1, 'x', 2]"),
     "trainer_state_no_processes": ({"world_size": 0}, "world_size is 0"),

@@ -82,6 +82,25 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, data
         assert per_step_losses(other) != per_step_losses(whole), name
 
 
+def test_preempted_at_the_last_step_of_an_epoch_resumes_with_its_evaluation(tmp_path, data_dir):
+    # The checkpoint holds the whole epoch's position (its evaluation had not run yet): valid, and the resumed run
+    # evaluates that epoch, then goes on exactly as an uninterrupted one.
+    last = steps_per_epoch()
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train_tiny(whole, data_dir, *RECIPE)
+    stopped = train_tiny(cut, data_dir, *RECIPE, env=cpu_env(DIST_ALEXNET_SIGNAL=f"0:{last}"))
+    assert f"preempted at step {last} by SIGUSR1" in stopped.stdout, stopped.stdout
+    state = json.loads((list_checkpoints(cut)[-1] / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["position"]) == (last, 0, TRAIN_SAMPLES)
+
+    resumed = train_tiny(cut, data_dir, *RECIPE)
+    assert f"resumed from {cut / 'checkpoints' / f'step_{last:06d}'} at step {last}" in resumed.stdout
+    assert f"step {last} (end of epoch 1) | test loss" in resumed.stdout, resumed.stdout
+    assert per_step_losses(cut) == per_step_losses(whole)
+    assert max_difference(final_weights(cut), final_weights(whole)) == 0.0
+    assert metrics(cut)["test_acc"] == metrics(whole)["test_acc"]
+
+
 def samples_seen(log_dir: Path, epoch: int) -> list[int]:
     seen = []
     for file in log_dir.glob("*.txt"):
