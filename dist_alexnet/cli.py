@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import signal
@@ -11,8 +12,10 @@ import sys
 from pathlib import Path
 
 from dist_alexnet import __version__
-from dist_alexnet.config import DATA_OPTIONS, ConfigError, add_arguments, config_from_args
-from dist_alexnet.errors import EXIT_CODES, Interrupted
+from dist_alexnet.config import (BENCHMARK_OPTIONS, DATA_OPTIONS, LR_FIND_OPTIONS, SCALING_MODEL_OPTIONS,
+                                 ConfigError, add_arguments, config_from_args)
+from dist_alexnet.errors import EXIT_CODES, Interrupted, ReportError
+from dist_alexnet.lr_sweep import Sweep
 from dist_alexnet.preemption import PreemptionFlag
 
 # Errors that end the command with one clear line (and their exit code), no traceback.
@@ -60,23 +63,15 @@ def add_benchmark_command(commands, debug: argparse.ArgumentParser) -> None:
     bench = commands.add_parser("benchmark", parents=[debug],
                                 help="measure the model step, the trainer step with each input "
                                 "pipeline and the pipelines alone, side by side (images/s, MFU)")
-    bench.add_argument("--image-size", type=int, default=224, help="side after resizing (default: 224)")
-    bench.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
-    bench.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="default: the accelerate launch config's choice, else no")
+    # what is measured: train's options, at the benchmark's own default batch
+    add_arguments(bench, only=BENCHMARK_OPTIONS, overrides={"batch_size": {"default": 128}})
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: CUDA when available (default: auto)")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the model (compiling is warm-up)")
-    bench.add_argument("--augment", action="store_true", help="augment in the device pipeline, as train --augment")
     bench.add_argument("--steps", type=int, default=10, help="steps per timed window (default: 10)")
     bench.add_argument("--windows", type=int, default=5, help="timed windows; figures are medians (default: 5)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first, per measurement (default: 3)")
     bench.add_argument("--peak-tflops", type=float, default=None,
                        help="the device's peak TFLOP/s for MFU (default: from a table of known GPUs)")
-    bench.add_argument("--num-workers", type=int, default=2,
-                       help="DataLoader workers of the torchvision pipeline (default: 2)")
-    bench.add_argument("--model-width", type=float, default=1.0, help="fraction of AlexNet's widths (default: 1.0)")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the random images and weights (default: 0)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as one JSON object")
     bench.add_argument("--processes", type=int, default=1,
                        help="N > 1: the trainer's step on 1 and on N processes (started with torchrun) side by side, "
@@ -109,12 +104,10 @@ def add_scaling_model_command(commands, debug: argparse.ArgumentParser) -> None:
                               "of an earlier scaling-model --measure (default: an assumed H200 step)")
     scaling.add_argument("--measure", action="store_true",
                          help="measure the profile here, on this machine's GPU (or CPU), at --batch-size")
-    scaling.add_argument("--batch-size", type=int, default=512, help="with --measure (default: 512)")
-    scaling.add_argument("--image-size", type=int, default=224, help="(default: 224)")
-    scaling.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16",
-                         help="with --measure (default: bf16)")
-    scaling.add_argument("--model-width", type=float, default=1.0,
-                         help="with --measure: fraction of AlexNet's widths (default: 1.0)")
+    # the step measured with --measure (--image-size also sizes the assumed step): train's options, at a GPU's batch
+    add_arguments(scaling, only=SCALING_MODEL_OPTIONS,
+                  overrides={"batch_size": {"default": 512}, "mixed_precision": {"default": "bf16",
+                                                                                   "choices": ("no", "bf16")}})
     scaling.add_argument("--intra-node-gbs", type=float, default=None,
                          help="all-reduce bus bandwidth per GPU inside a node, GB/s (default: 360, NVLink 4)")
     scaling.add_argument("--inter-node-gbs", type=float, default=None,
@@ -171,8 +164,6 @@ def model_command(commands, debug: argparse.ArgumentParser, name: str, run, help
 
 
 def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
-    from dist_alexnet.lr_find import LR_FIND_OPTIONS, Sweep
-
     parser.add_argument("--config", help="YAML file of train options (command-line flags override it); those lr-find "
                                          "has no use for (the schedule, the epochs, checkpoints) are ignored")
     add_arguments(parser, only=LR_FIND_OPTIONS)
@@ -188,14 +179,10 @@ def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_lr_find(args: argparse.Namespace) -> int:
-    from dist_alexnet.lr_find import Sweep
-
     cfg = config_from_args(args)
     sweep = Sweep(args.start_lr, args.end_lr, args.num_steps, args.smoothing, args.diverge_factor).validate()
-    from dist_alexnet.lr_find import lr_find  # after the checks: the run imports torch and accelerate
-
     try:
-        lr_find(cfg, sweep, args.json)
+        late("lr_find:lr_find")(cfg, sweep, args.json)
     finally:
         gc.collect()  # as after training: free the process group's threads before interpreter shutdown
     return 0
@@ -205,11 +192,9 @@ def run_train(args: argparse.Namespace) -> int:
     # The preemption signals are caught from the first moment: one that comes during the slow imports or the
     # set-up is answered at the first training step (a checkpoint, then the requeue), not by dying of it.
     with PreemptionFlag() as preemption:
-        cfg = config_from_args(args)  # a bad option is reported before the slow imports below
-        from dist_alexnet.train import train  # imports torch, accelerate, tensorboard, matplotlib
-
+        cfg = config_from_args(args)  # a bad option is reported before the slow imports
         try:
-            train(cfg, preemption)
+            late("train:train")(cfg, preemption)
         finally:
             # Free the DDP model while the interpreter is fully alive: it keeps the gloo process group and its
             # worker threads alive past destroy_process_group, and destroying them at interpreter shutdown can
@@ -220,79 +205,76 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from dist_alexnet.perf.benchmark import main as benchmark  # imports torch/accelerate: keep `--help` fast
-
-    return benchmark(args)
+    return late("perf.benchmark:main")(args)
 
 
 def run_scaling_model(args: argparse.Namespace) -> int:
-    from dist_alexnet.perf.scaling_model import main as scaling_model
-
-    return scaling_model(args)
+    return late("perf.scaling_model:main")(args)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from dist_alexnet.inference import evaluate_checkpoint, format_evaluation
-
+    inference = late("inference")
     overrides = {name: getattr(args, name) for name in DATA_OPTIONS if hasattr(args, name)}
     try:
-        results = evaluate_checkpoint(args.checkpoint, args.split, overrides)
+        results = inference.evaluate_checkpoint(args.checkpoint, args.split, overrides)
     finally:
         gc.collect()  # as after training: free the process group's threads before interpreter shutdown
     if results is not None:  # rank 0 prints
-        print(json.dumps(results) if args.json else format_evaluation(results))
+        print(json.dumps(results) if args.json else inference.format_evaluation(results))
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from dist_alexnet.serving import format_prediction, image_files, predict_onnx
-
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError(f"--top-k and --batch-size must be >= 1 (got {args.top_k}, {args.batch_size})")
-    files, problems = image_files(args.images)
-    if args.onnx:  # ONNX Runtime and numpy alone: torch is not imported
-        source = args.checkpoint
-        predictions, unreadable = predict_onnx(Path(source), files, args.invert, args.batch_size, args.top_k)
+    serving = late("serving")  # PIL and numpy: predict --onnx imports neither torch nor accelerate
+    files, problems = serving.image_files(args.images)
+    if args.onnx:
+        classifier = serving.onnx_classifier(Path(args.checkpoint))
     else:
-        from dist_alexnet.inference import load_trained_model, predict
-
-        trained = load_trained_model(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
-        source = trained.path
-        predictions, unreadable = predict(trained, files, args.invert, args.batch_size, args.top_k)
+        inference = late("inference")
+        trained = inference.load_trained_model(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
+        classifier = inference.torch_classifier(trained)
+    predictions, unreadable = serving.predict(classifier, files, args.invert, args.batch_size, args.top_k)
     problems += unreadable
     if args.json:
-        print(json.dumps({"checkpoint": str(source), "predictions": predictions,
+        print(json.dumps({"checkpoint": str(classifier.source), "predictions": predictions,
                           "errors": [{"file": file, "error": reason} for file, reason in problems]}))
     else:
         for prediction in predictions:
-            print(format_prediction(prediction))
+            print(serving.format_prediction(prediction))
     for _, reason in problems:
         print(f"dist-alexnet: error: {reason}", file=sys.stderr)
     return 2 if problems else 0  # every readable file still got its prediction
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dist_alexnet.export import export_model, push_to_hub
-
-    folder = export_model(args.checkpoint, args.out, onnx=args.format == "onnx",
+    export = late("export")
+    folder = export.export_model(args.checkpoint, args.out, onnx=args.format == "onnx",
                           log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(f"exported: {folder}")
     if args.push_to_hub:
-        print(f"pushed: {push_to_hub(folder, args.push_to_hub)}")
+        print(f"pushed: {export.push_to_hub(folder, args.push_to_hub)}")
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from dist_alexnet.errors import ReportError
-    from dist_alexnet.report import write_report
-
     try:
-        print(write_report(args.run_dir))
+        print(late("report:write_report")(args.run_dir))
     except OSError as err:
         raise ReportError(f"cannot write the report into {args.run_dir}: {err.filename or args.run_dir} "
                           f"({err.strerror or err}); make the run directory writable, or copy it somewhere "
                           f"writable and run `dist-alexnet report` on the copy") from None
     return 0
+
+
+def late(name: str):
+    """The package's module `name` (or its attribute, as "module:attribute"), imported now. Each subcommand imports
+    its work's module only when it runs: they import torch, accelerate and tensorboard (seconds), which --help,
+    --version and a bad option must not wait for, and before which a preemption signal must already be caught."""
+    module, _, attribute = name.partition(":")
+    loaded = importlib.import_module(f"dist_alexnet.{module}")
+    return getattr(loaded, attribute) if attribute else loaded
 
 
 def main(argv: list[str] | None = None) -> int:

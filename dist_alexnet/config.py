@@ -383,30 +383,59 @@ def load_yaml(path: str | os.PathLike) -> dict:
 # (over the checkpoint's own values); the rest of an evaluation's config comes from the checkpoint.
 DATA_OPTIONS = ("dataset", "data_dir", "download", "limit_train", "limit_test", "synthetic_train_size",
                 "synthetic_test_size", "pipeline", "num_workers", "batch_size", "mixed_precision")
+# The train options lr-find takes (with --config): what chooses the data, the model, the batch, the optimizer
+# and the processes' set-up. --lr, the schedule, the evaluation and the checkpoints have no meaning there;
+# --lr-scaling and --lr-reference-batch only turn the suggestion into the --lr to give train with them;
+# --log-every: steps between progress lines.
+LR_FIND_OPTIONS = (
+    "dataset", "data_dir", "download", "limit_train", "synthetic_train_size", "synthetic_test_size", "pipeline",
+    "num_workers", "image_size", "augment", "random_erasing", "model_width", "dropout", "batch_size",
+    "global_batch_size", "grad_accum", "optimizer", "momentum", "nesterov", "optimizer_implementation",
+    "weight_decay", "grad_clip", "label_smoothing", "mixed_precision", "seed", "compile", "ddp_bucket_mb",
+    "ddp_gradient_as_bucket_view", "ddp_comm_hook", "collective_timeout", "lr_scaling", "lr_reference_batch",
+    "output_dir", "log_every",
+)
+# The train options `benchmark` takes: what it measures the step of (its --global-batch-size, --parallelism and
+# the DDP options are its own: lists of variants, for --processes).
+BENCHMARK_OPTIONS = ("image_size", "batch_size", "mixed_precision", "compile", "augment", "num_workers",
+                     "model_width", "seed")
+# The train options `scaling-model --measure` measures a step with (--image-size also sizes the assumed step).
+SCALING_MODEL_OPTIONS = ("image_size", "batch_size", "mixed_precision", "model_width")
 
 
-def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One --flag per TrainConfig field (or per field named in `only`, then without --config).
-    Unset flags stay absent so YAML (or checkpoint) values are not overridden."""
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+                  overrides: dict[str, dict] | None = None) -> None:
+    """One --flag per TrainConfig field (or per field named in `only`, then without --config), with the field's
+    type, choices and help. Unset flags stay absent so YAML (or checkpoint) values are not overridden.
+    `overrides`: per field, the argparse settings (default, choices, help) a subcommand gives it instead of the
+    field's, e.g. scaling-model's --batch-size 512; a flag given a default there is always set."""
     if only is None:
         parser.add_argument("--config", help="YAML file of options (command-line flags override it)")
     for f in dataclasses.fields(TrainConfig):
         if only is not None and f.name not in only:
             continue
         kind = _field_type(f)
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+        settings = {"default": argparse.SUPPRESS, "choices": f.metadata.get("choices"), "help": f.metadata["help"],
+                    **(overrides or {}).get(f.name, {})}
+        shown = f.default if settings["default"] is argparse.SUPPRESS else settings["default"]
+        settings["help"] += f" (default: {shown})"
         if kind is bool:
-            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **kwargs)
+            del settings["choices"]
+            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction, **settings)
         else:
-            parser.add_argument(f"--{_flag(f.name)}", type=kind, choices=f.metadata.get("choices"),
-                                metavar=None if f.metadata.get("choices") else f.name.upper(), **kwargs)
+            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind,
+                                metavar=None if settings["choices"] else f.name.upper(), **settings)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, only: tuple[str, ...] | None = None,
+                     validate: bool = True) -> TrainConfig:
+    """The options given on the command line, over --config's YAML, over the defaults. `only`: take these fields
+    alone from `args` (a subcommand's own flags may share a field's name: benchmark's --global-batch-size)."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = set(only) if only is not None else {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values)
+    return cfg.validate() if validate else cfg
 
 
 # What a resume does with an option whose value differs from the checkpoint's: it applies from the resumed step

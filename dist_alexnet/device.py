@@ -15,6 +15,6 @@ def use_cuda() -> bool:
 
 def default_device():
     """torch.device("cuda") or torch.device("cpu"), as use_cuda() says."""
-    import torch
+    import torch  # as in use_cuda: this module is imported before torch is needed
 
     return torch.device("cuda" if use_cuda() else "cpu")

@@ -23,23 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from huggingface_hub import HfApi
 from torch import nn
 
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD, load_sample
 from dist_alexnet.errors import ConfigError, ExportError, first_line
-from dist_alexnet.inference import EXPORT_FORMAT, TrainedModel, load_trained_model
+from dist_alexnet.inference import TrainedModel, load_trained_model
 from dist_alexnet.inputs import normalize_and_resize, resize_matrix
 from dist_alexnet.model import count_parameters
-from dist_alexnet.serving import ONNX_FILE, softmax
+from dist_alexnet.rundir import RunDir, read_metrics
+from dist_alexnet.serving import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_FILES, EXPORT_FORMAT, ONNX_FILE, onnx_session,
+                                  softmax)
 
 ONNX_OPSET = 18
 PARITY_IMAGES = 256  # real test images (the shipped sample's test part) the ONNX graph is checked on
 PARITY_TOLERANCE = 1e-3  # the largest logit difference accepted between ONNX Runtime and PyTorch
-
-
-# What an export folder holds (model_card.json: the export of 0.1): with --overwrite, only a folder of these
-# files is replaced, so that no mistyped --out can delete a run, a checkpoint or anything else.
-EXPORT_FILES = {"config.json", "model.safetensors", "README.md", ONNX_FILE, "model_card.json"}
 
 
 def export_model(checkpoint: str, out: str | os.PathLike, onnx: bool = False, log=print,
@@ -58,10 +56,10 @@ def export_model(checkpoint: str, out: str | os.PathLike, onnx: bool = False, lo
         trained.model.save_pretrained(building, config=config)  # config.json, model.safetensors (format "pt")
         if onnx:
             config["onnx"] = export_onnx(trained, building / ONNX_FILE)
-            (building / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (building / "README.md").write_text(model_card(config))
+            (building / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (building / EXPORT_CARD).write_text(model_card(config))
         # safetensors writes its file for the owner alone; a model meant for sharing is readable as README.md is
-        mode = (building / "README.md").stat().st_mode & 0o777
+        mode = (building / EXPORT_CARD).stat().st_mode & 0o777
         for file in building.iterdir():
             file.chmod(mode)
         if out.exists():  # checked above: empty, or an earlier export (--overwrite)
@@ -95,9 +93,10 @@ def check_out(out: Path, source: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"--out {out} exists and is not empty; choose another --out, or add --overwrite to replace "
                           f"an earlier export there")
+    # only a folder of an export's files (EXPORT_FILES) is replaced: no mistyped --out deletes a run or a checkpoint
     foreign = [name for name in entries if name not in EXPORT_FILES or not (out / name).is_file()]
-    if foreign or not (out / "config.json").is_file():
-        what = (f"holds {foreign[0]!r}, which no export writes" if foreign else "has no config.json")
+    if foreign or not (out / EXPORT_CONFIG).is_file():
+        what = (f"holds {foreign[0]!r}, which no export writes" if foreign else f"has no {EXPORT_CONFIG}")
         raise ConfigError(f"--out {out} is not an earlier export ({what}: a run directory, a checkpoint or other "
                           f"files); --overwrite only replaces an export; choose another --out")
 
@@ -132,12 +131,8 @@ def training_metrics(trained: TrainedModel) -> dict:
     if trained.card:
         return trained.card.get("metrics", {})
     metrics = {"test_acc": trained.trainer_state.get("test_acc"), "step": trained.trainer_state.get("step")}
-    final = trained.path.parent.parent / "metrics.json"
-    try:
-        run_metrics = json.loads(final.read_text())
-    except (OSError, ValueError):
-        return metrics
-    if isinstance(run_metrics, dict) and run_metrics.get("steps") == trained.trainer_state.get("step"):
+    run_metrics = read_metrics(RunDir(trained.path.parent.parent).metrics)  # the run of checkpoints/step_NNNNNN
+    if run_metrics and run_metrics["steps"] == trained.trainer_state.get("step"):
         metrics.update({k: run_metrics[k] for k in ("test_acc", "test_loss", "test_samples", "train_loss",
                                                      "epochs") if k in run_metrics})
     return metrics
@@ -210,7 +205,8 @@ def export_onnx(trained: TrainedModel, path: Path) -> dict:
     """model.onnx with a dynamic batch axis, and the parity check: ONNX Runtime's logits against PyTorch's on
     real test images. A failed check is an ExportError; the figures go into config.json and the card."""
     try:
-        import onnx  # noqa: F401  (torch's exporter needs it, and onnxscript)
+        # the [onnx] extra, imported only for --format onnx: torch's exporter needs onnx (and onnxscript)
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"export --format onnx needs the [onnx] extra ({err.name} is missing): "
@@ -227,8 +223,6 @@ def export_onnx(trained: TrainedModel, path: Path) -> dict:
 def check_onnx(serving: nn.Module, path: Path) -> dict:
     """Run the first PARITY_IMAGES of the shipped sample's test part through ONNX Runtime and PyTorch; raise
     ExportError unless every top-1 class agrees and no logit differs by more than PARITY_TOLERANCE."""
-    from dist_alexnet.serving import onnx_session
-
     images = load_sample()[1].images[:PARITY_IMAGES]
     with torch.no_grad():
         expected = serving(images).numpy()
@@ -254,8 +248,6 @@ def check_onnx(serving: nn.Module, path: Path) -> dict:
 
 def push_to_hub(folder: Path, repo_id: str) -> str:
     """Upload an export folder to a Hugging Face model repository; one clear line when that cannot happen."""
-    from huggingface_hub import HfApi
-
     try:
         HfApi().create_repo(repo_id, exist_ok=True)
         return HfApi().upload_folder(folder_path=str(folder), repo_id=repo_id,

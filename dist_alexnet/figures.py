@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from io import BytesIO
 
+import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from dist_alexnet.datasets import CLASS_NAMES
 
@@ -20,14 +23,10 @@ Series = list[tuple[int, float]]  # (step, value) pairs
 
 
 def new_figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def to_png(figure) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     buffer = BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return buffer.getvalue()
@@ -35,9 +34,6 @@ def to_png(figure) -> bytes:
 
 def to_rgb(figure):
     """The figure as an [H, W, 3] uint8 numpy array."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -17,18 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_alexnet.checkpoint import (CheckpointError, best_checkpoint, check_weights, list_checkpoints,
-                                     load_model_state, read_trainer_state)
+from dist_alexnet.checkpoint import (TRAINER_STATE, CheckpointError, best_checkpoint, check_weights, checkpoint_file,
+                                     list_checkpoints, load_model_state, read_trainer_state)
 from dist_alexnet.config import TrainConfig
 from dist_alexnet.device import default_device, use_cuda
-from dist_alexnet.datasets import CLASS_NAMES
-from dist_alexnet.inputs import to_model_input
+from dist_alexnet.datasets import CLASS_NAMES, load_data_on_every_rank
+from dist_alexnet.distributed import make_accelerator
+from dist_alexnet.inputs import make_loader, to_model_input
+from dist_alexnet.schedule import BatchPlan
+from dist_alexnet.steps import evaluate
 from dist_alexnet.model import AlexNet
-from dist_alexnet.serving import prediction, read_images
+from dist_alexnet.rundir import RunDir
+from dist_alexnet.serving import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, OLD_EXPORT_FORMAT, OLD_MODEL_CARD,
+                                  Classifier)
 
-EXPORT_CONFIG = "config.json"  # an export of this version: Hugging Face's layout
-EXPORT_FORMAT = "dist-alexnet-export/2"
-OLD_MODEL_CARD, OLD_EXPORT_FORMAT = "model_card.json", "dist-alexnet-export/1"  # an export of 0.1
 
 
 # ----------------------------------------------------------------------------- loading a model
@@ -46,7 +48,7 @@ class TrainedModel:
 def resolve_model_dir(path: str | os.PathLike, log=print) -> Path:
     """A checkpoint or export directory; a run directory means its best checkpoint, else its newest."""
     path = Path(path)
-    if path.is_file() and path.name == "model.safetensors":
+    if path.is_file() and path.suffix == ".safetensors":  # a checkpoint's or an export's weights: their folder
         path = path.parent
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoints/step_NNNNNN directory, "
@@ -54,7 +56,7 @@ def resolve_model_dir(path: str | os.PathLike, log=print) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint; give a checkpoints/step_NNNNNN directory, "
                               f"a run directory or an export directory")
-    if (path / "checkpoints").is_dir():
+    if RunDir(path).checkpoints.is_dir():
         best = best_checkpoint(path)
         chosen = best or next(reversed(list_checkpoints(path)), None)
         if chosen is None:
@@ -67,17 +69,18 @@ def resolve_model_dir(path: str | os.PathLike, log=print) -> Path:
 def load_trained_model(path: str | os.PathLike, log=print) -> TrainedModel:
     """The model in eval mode on the CPU, with what it was trained on; CheckpointError names a bad file."""
     folder = resolve_model_dir(path, log)
-    if (folder / "trainer_state.json").exists():
+    checkpoint = (folder / TRAINER_STATE).exists()
+    if checkpoint:
         state, card = read_trainer_state(folder), {}
         config = state.get("config")
         if not isinstance(config, dict):
-            raise CheckpointError(f"{folder / 'trainer_state.json'} holds no training config; "
+            raise CheckpointError(f"{folder / TRAINER_STATE} holds no training config; "
                                   f"is it a dist-alexnet checkpoint?")
     elif (folder / EXPORT_CONFIG).exists() or (folder / OLD_MODEL_CARD).exists():
         card = read_export_card(folder)
         state, config = card.get("trainer_state", {}), card["training_config"]
     else:
-        raise CheckpointError(f"{folder} is not a dist-alexnet checkpoint (no trainer_state.json) nor an export "
+        raise CheckpointError(f"{folder} is not a dist-alexnet checkpoint (no {TRAINER_STATE}) nor an export "
                               f"(no {EXPORT_CONFIG})")
     try:
         width, image_size = float(config["model_width"]), int(config["image_size"])
@@ -86,7 +89,10 @@ def load_trained_model(path: str | os.PathLike, log=print) -> TrainedModel:
                               f"is it a dist-alexnet checkpoint?") from None
     model = AlexNet(width=width)
     # a run with --ema-decay evaluated (and exports) the moving average of its weights
-    weights_file = folder / "ema.safetensors" if (folder / "ema.safetensors").exists() else folder / "model.safetensors"
+    weights_file = folder / EXPORT_WEIGHTS
+    if checkpoint:
+        ema = checkpoint_file(folder, "ema")
+        weights_file = ema if ema.exists() else checkpoint_file(folder, "model")
     weights = load_model_state(weights_file)
     check_weights(weights, {name: tuple(t.shape) for name, t in model.state_dict().items()}, weights_file,
                   f"dist-alexnet's AlexNet at width {width:g}")
@@ -155,12 +161,6 @@ def evaluation_config(trained: TrainedModel, overrides: dict) -> TrainConfig:
 def evaluate_checkpoint(checkpoint: str, split: str, overrides: dict) -> dict | None:
     """Exact accuracy and loss of a checkpoint on a split, in one process or many (`accelerate launch`).
     Returns the results on rank 0, None on the other ranks."""
-    from dist_alexnet.datasets import load_data_on_every_rank
-    from dist_alexnet.distributed import make_accelerator
-    from dist_alexnet.inputs import make_loader
-    from dist_alexnet.schedule import BatchPlan
-    from dist_alexnet.steps import evaluate
-
     trained = load_trained_model(checkpoint, log=lambda message: print(message, file=sys.stderr))
     cfg = evaluation_config(trained, overrides)
     accelerator = make_accelerator(cfg)
@@ -207,17 +207,13 @@ def format_evaluation(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- predict
 
-@torch.no_grad()
-def predict(trained: TrainedModel, files: list[Path], invert: bool = False, batch_size: int = 256,
-            top_k: int = 3) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Class probabilities of each readable file, and (file, reason) for the others."""
+def torch_classifier(trained: TrainedModel) -> Classifier:
+    """predict's classifier of a trained model, on the GPU when there is one."""
     device = default_device()
     model = trained.model.to(device)
-    readable, problems = read_images(files, invert)
-    records = []
-    for start in range(0, len(readable), batch_size):
-        chunk = readable[start:start + batch_size]
-        images = torch.from_numpy(np.stack([image for _, image in chunk])).to(device)
-        probabilities = model(to_model_input(images, trained.image_size)).float().softmax(1).cpu().numpy()
-        records += [prediction(path, p, list(CLASS_NAMES), top_k) for (path, _), p in zip(chunk, probabilities)]
-    return records, problems
+
+    def logits(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(to_model_input(torch.from_numpy(images).to(device), trained.image_size)).float().cpu().numpy()
+
+    return Classifier(logits, list(CLASS_NAMES), trained.path)

@@ -26,7 +26,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torchvision import transforms
 
 from dist_alexnet.datasets import MEAN, STD, Split
 from dist_alexnet.device import use_cuda
@@ -100,8 +102,6 @@ class PILImages(Dataset):
     """The tutorial's pipeline: one PIL image at a time through Resize + ToTensor (+ Normalize)."""
 
     def __init__(self, split: Split, image_size: int):
-        from torchvision import transforms
-
         self.split = split
         self.transform = transforms.Compose([
             transforms.Resize(image_size), transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,)),
@@ -111,8 +111,6 @@ class PILImages(Dataset):
         return len(self.split)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         image = Image.fromarray(self.split.images[i].numpy(), mode="L")
         return self.transform(image), self.split.labels[i], i
 

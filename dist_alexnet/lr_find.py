@@ -22,97 +22,29 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from dist_alexnet.config import TrainConfig
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from torch.utils.tensorboard import SummaryWriter
+
+from dist_alexnet.config import LR_FIND_OPTIONS, TrainConfig
+from dist_alexnet.datasets import load_data_on_every_rank
+from dist_alexnet.distributed import make_accelerator, on_main_process
 from dist_alexnet.errors import ConfigError
-
-# The train options lr-find takes (with --config): what chooses the data, the model, the batch, the optimizer
-# and the processes' set-up. --lr, the schedule, the evaluation and the checkpoints have no meaning here;
-# --lr-scaling and --lr-reference-batch only turn the suggestion into the --lr to give train with them;
-# --log-every: steps between progress lines.
-LR_FIND_OPTIONS = (
-    "dataset", "data_dir", "download", "limit_train", "synthetic_train_size", "synthetic_test_size", "pipeline",
-    "num_workers", "image_size", "augment", "random_erasing", "model_width", "dropout", "batch_size",
-    "global_batch_size", "grad_accum", "optimizer", "momentum", "nesterov", "optimizer_implementation",
-    "weight_decay", "grad_clip", "label_smoothing", "mixed_precision", "seed", "compile", "ddp_bucket_mb",
-    "ddp_gradient_as_bucket_view", "ddp_comm_hook", "collective_timeout", "lr_scaling", "lr_reference_batch",
-    "output_dir", "log_every",
-)
-SKIP_START = 10  # the first steps' losses say more about the initialization than about the learning rate
-
-
-@dataclass(frozen=True)
-class Sweep:
-    start_lr: float = 1e-6
-    end_lr: float = 1.0
-    num_steps: int = 300
-    smoothing: float = 0.9  # beta of the moving average: about 1 / (1 - beta) = 10 steps of memory
-    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this times its best (Lightning's 4)
-
-    def validate(self) -> Sweep:
-        problems = []
-        if not (0 < self.start_lr < self.end_lr and math.isfinite(self.end_lr)):
-            problems.append(f"--start-lr and --end-lr must be positive with --start-lr below --end-lr "
-                            f"(got {self.start_lr:g} and {self.end_lr:g})")
-        if self.num_steps < 2 * SKIP_START:
-            problems.append(f"--num-steps must be >= {2 * SKIP_START} (got {self.num_steps}); a few hundred is usual")
-        if not 0 <= self.smoothing < 1:
-            problems.append(f"--smoothing must be in [0, 1) (got {self.smoothing:g})")
-        if not self.diverge_factor > 1:
-            problems.append(f"--diverge-factor must be above 1 (got {self.diverge_factor:g})")
-        if problems:
-            raise ConfigError("\n".join(problems))
-        return self
-
-    def lr(self, step: int) -> float:
-        """The learning rate of optimizer step `step` (0-based): exponential from start_lr to end_lr."""
-        return self.start_lr * (self.end_lr / self.start_lr) ** (step / (self.num_steps - 1))
-
-
-def smooth(losses: list[float], beta: float) -> list[float]:
-    """The bias-corrected exponential moving average of `losses`."""
-    average, smoothed = 0.0, []
-    for i, loss in enumerate(losses, start=1):
-        average = beta * average + (1 - beta) * loss
-        smoothed.append(average / (1 - beta**i))
-    return smoothed
-
-
-def suggest(lrs: list[float], smoothed: list[float], sweep: Sweep) -> dict:
-    """The suggested learning rate (the smoothed loss's minimum / 10, within the swept range), the steepest
-    descent's learning rate, and a note when the curve does not support a suggestion well."""
-    skip = min(SKIP_START, len(lrs) - 1)
-    best = min(range(skip, len(lrs)), key=lambda i: smoothed[i])
-    # steepest descent of the smoothed loss over log(lr), before the minimum (after it the loss rises)
-    slopes = [(smoothed[i + 1] - smoothed[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1]) for i in range(skip, best)]
-    steepest = lrs[skip + min(range(len(slopes)), key=slopes.__getitem__)] if slopes else lrs[best]
-    suggested, note = lrs[best] / 10, None
-    if suggested < sweep.start_lr:
-        suggested = sweep.start_lr
-        note = "the loss was lowest within a decade of --start-lr: lower --start-lr and run again"
-    elif best == len(lrs) - 1 and len(lrs) == sweep.num_steps:
-        note = "the loss was still falling at --end-lr: raise --end-lr and run again"
-    elif smoothed[best] > 0.98 * smoothed[skip]:
-        note = "the smoothed loss hardly fell during the sweep: more --num-steps or a wider range may show more"
-    return {"suggested_lr": suggested, "min_loss_lr": lrs[best], "min_smoothed_loss": smoothed[best],
-            "steepest_lr": steepest, "note": note}
+from dist_alexnet.figures import new_figure, to_png
+from dist_alexnet.inputs import make_loader, training_input
+from dist_alexnet.lr_sweep import SKIP_START, Sweep, smooth, suggest
+from dist_alexnet.model import build_model
+from dist_alexnet.optimization import make_optimizer, set_learning_rate
+from dist_alexnet.rundir import RunDir
+from dist_alexnet.schedule import BatchPlan
 
 
 def lr_find(cfg: TrainConfig, sweep: Sweep, json_path: str | None = None) -> dict:
     """Run the range test; every rank returns the result (rank 0 wrote the files)."""
-    from accelerate.utils import set_seed
-
-    from dist_alexnet.datasets import load_data_on_every_rank
-    from dist_alexnet.distributed import make_accelerator, on_main_process
-    from dist_alexnet.inputs import make_loader
-    from dist_alexnet.rundir import RunDir
-    from dist_alexnet.schedule import BatchPlan
-    from dist_alexnet.model import build_model
-    from dist_alexnet.optimization import make_optimizer
-
     sweep.validate()
     accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
@@ -143,7 +75,7 @@ def lr_find(cfg: TrainConfig, sweep: Sweep, json_path: str | None = None) -> dic
         smoothed = smooth(losses, sweep.smoothing)
         result = {**suggest(lrs, smoothed, sweep), "stopped": stop, "steps": len(lrs), "seconds": round(seconds, 1),
                   "world_size": world, "global_batch": global_batch, "optimizer": cfg.optimizer,
-                  "sweep": dataclasses.asdict(sweep), "plot": str(out / "lr_find.png"),
+                  "sweep": dataclasses.asdict(sweep), "plot": str(RunDir(out).lr_find_plot),
                   "lrs": lrs, "losses": losses, "smoothed_losses": smoothed}
         # the --lr that gives train the suggested learning rate at this global batch under the config's --lr-scaling
         result["suggested_lr_option"] = result["suggested_lr"] * cfg.lr / batch.lr(cfg)
@@ -162,12 +94,6 @@ def sweep_losses(model, optimizer, accelerator, loader, order, cfg: TrainConfig,
     """Train at sweep.lr(step) for each optimizer step; the loss of each step averaged over micro-batches and
     ranks (every rank gets the same figures, so every rank stops at the same step). Returns the learning rates,
     the losses and why it stopped."""
-    import torch
-    import torch.nn.functional as F
-
-    from dist_alexnet.inputs import training_input
-    from dist_alexnet.optimization import set_learning_rate
-
     lrs, losses, best, epoch = [], [], math.inf, 0
     beta, average = sweep.smoothing, 0.0
     model.train()
@@ -209,7 +135,7 @@ def sweep_losses(model, optimizer, accelerator, loader, order, cfg: TrainConfig,
 
 def refuse_run_directory(out: Path) -> None:
     """lr-find writes only its own files: a training run's directory (it has checkpoints) is refused."""
-    checkpoints = out / "checkpoints"
+    checkpoints = RunDir(out).checkpoints
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise ConfigError(f"{out} holds a training run's checkpoints; lr-find leaves them alone and writes its own "
                           f"results: choose another --output-dir (e.g. {out}/lr-find)")
@@ -218,27 +144,23 @@ def refuse_run_directory(out: Path) -> None:
 def write_outputs(out: Path, result: dict, json_path: str | None) -> None:
     """lr_find.json, lr_find.png and TensorBoard scalars (lr_find/loss, lr_find/smoothed_loss, lr_find/lr over
     the step; lr_find/suggested_lr once) in `out`; the JSON also at json_path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torch.utils.tensorboard import SummaryWriter
-
+    run_dir = RunDir(out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    (out / "lr_find.json").write_text(text)
+    run_dir.lr_find_json.write_text(text)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text)
 
-    with SummaryWriter(str(out / "tensorboard")) as writer:
+    with SummaryWriter(str(run_dir.tensorboard)) as writer:
         for step, (lr, loss, smoothed) in enumerate(zip(result["lrs"], result["losses"], result["smoothed_losses"])):
             writer.add_scalar("lr_find/loss", loss, step)
             writer.add_scalar("lr_find/smoothed_loss", smoothed, step)
             writer.add_scalar("lr_find/lr", lr, step)
         writer.add_scalar("lr_find/suggested_lr", result["suggested_lr"], len(result["lrs"]) - 1)
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure = new_figure(7, 4.5)
+    axes = figure.subplots()
     axes.semilogx(result["lrs"], result["losses"], color="0.75", linewidth=0.8, label="loss per step")
     axes.semilogx(result["lrs"], result["smoothed_losses"], color="C0",
                   label=f"smoothed (moving average, beta {result['sweep']['smoothing']:g})")
@@ -252,9 +174,7 @@ def write_outputs(out: Path, result: dict, json_path: str | None) -> None:
     axes.set_title(f"LR range test: {result['optimizer']}, global batch {result['global_batch']}, "
                    f"{result['world_size']} process(es)")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "lr_find.png", dpi=110)
-    plt.close(figure)
+    run_dir.lr_find_plot.write_bytes(to_png(figure))
 
 
 def describe(result: dict, out: Path, cfg: TrainConfig) -> str:

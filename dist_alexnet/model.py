@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -52,8 +53,6 @@ class AlexNet(nn.Module, PyTorchModelHubMixin, library_name="dist-alexnet", pipe
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """save_pretrained's weights file, with the metadata transformers-style loaders check (format "pt")."""
-        from safetensors.torch import save_file
-
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
         save_file(weights, str(Path(save_directory) / SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
 

@@ -24,6 +24,14 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
+from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hp
+from tensorboard.plugins.text.summary_v2 import text_pb
+from torchvision.utils import make_grid
+
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
 from dist_alexnet.errors import ConfigError, Interrupted, first_line
@@ -124,8 +132,6 @@ def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -
     (start_step > 0) continues their runs. Every rank calls it. A tracker that does not answer within
     --tracker-timeout stops the run with one line naming where it was to write; so does a preemption signal
     meanwhile (waiting for the first training step could take that long)."""
-    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
-
     run_dir = RunDir(run_dir)
     names = cfg.trackers()
     main = accelerator.is_main_process
@@ -147,7 +153,7 @@ def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -
             where["mlflow"] = mlflow_tracking_uri(run_dir, log if accelerator.is_main_process else None)
             trackers.append(MLflowTracker("dist-alexnet", run_id=saved.get("mlflow_run_id"), run_name=run_dir.path.name))
         elif name == "wandb":  # WANDB_MODE=offline keeps it on disk, in <run_dir>/wandb
-            import wandb
+            import wandb  # an optional extra ([wandb]), imported only when asked for
 
             where["wandb"] = (f"{run_dir.wandb} (offline)" if os.environ.get("WANDB_MODE") in ("offline", "dryrun")
                               else os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
@@ -204,7 +210,7 @@ def abandoned_history(saved: dict, cfg, world_size: int, start_step: int) -> str
 
 def copy_mlflow_history(old_run_id: str, tracker, last_step: int) -> None:
     """The new MLflow run starts with the old run's metrics up to `last_step`, so that its history is the run's."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # an optional extra ([mlflow]), imported only when asked for
 
     client, new_run_id = MlflowClient(), tracker.active_run.info.run_id
     for key in client.get_run(old_run_id).data.metrics:
@@ -348,8 +354,6 @@ class Monitor:
                  run_dir: Path | None = None, log=print):
         """effective: what the options came to on this many processes (per_process_batch, global_batch, lr);
         start_step: the step the run starts from (0, or the step of the checkpoint it resumed from)."""
-        import yaml
-
         self.accelerator, self.cfg, self.log = accelerator, cfg, log
         self.effective = effective or {}
         self.writer = EventWriter(accelerator, log)
@@ -380,8 +384,6 @@ class Monitor:
         images), un-normalized back to [0, 1] for display."""
         if self.wrote_inputs:
             return
-        from torchvision.utils import make_grid
-
         self.wrote_inputs = True
         inputs, _ = training_input(batch, self.cfg, epoch)
         images = (inputs[:32].detach().float().cpu() * STD + MEAN).clamp(0, 1)
@@ -471,8 +473,6 @@ class Monitor:
         write_atomically(RunDir(self.run_dir).trackers, json.dumps(self.tracker_state) + "\n")
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
-        from tensorboard.plugins.text.summary_v2 import text_pb
-
         self.writer.add_summary(text_pb(tag, markdown), step)
 
     def image(self, tag: str, figure, step: int) -> None:
@@ -481,10 +481,6 @@ class Monitor:
     def _write_hparams(self) -> None:
         """HPARAMS tab: this run is one row (its config, and the last value of each HPARAM_METRICS tag).
         Written into the run's own event file (SummaryWriter.add_hparams would make a separate run)."""
-        from tensorboard.compat.proto import summary_pb2
-        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-        from tensorboard.plugins.hparams import summary_v2 as hp
-
         values = {k: v for k, v in self.cfg.to_dict().items() if v is not None}  # None has no hparam type
         values.update(world_size=self.accelerator.num_processes,
                       **{f"effective_{key}": value for key, value in self.effective.items()},

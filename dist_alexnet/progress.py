@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from tqdm.auto import tqdm
+
 
 class Progress:
     def __init__(self, enabled: bool):
@@ -14,8 +16,6 @@ class Progress:
     def start(self, total: int, initial: int) -> None:
         """The bar from step `initial` to step `total` (on a terminal only)."""
         if self.enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def log(self, message: str) -> None:

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
 from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.errors import ReportError
 from dist_alexnet.figures import accuracy_figure, loss_figure, throughput_figure, to_png
@@ -33,9 +36,6 @@ class Events:
 
 def read_events(tensorboard_dir: Path) -> Events:
     """Everything in the run's event files, read with TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
-
     if not list(Path(tensorboard_dir).glob("events.out.tfevents.*")):
         raise ReportError(f"{tensorboard_dir} holds no TensorBoard event files; give the directory of a run "
                           f"made by `dist-alexnet train` (it has tensorboard/ inside)")

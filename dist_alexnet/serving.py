@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
+from PIL import Image
 
 from dist_alexnet.errors import ConfigError, first_line
 
@@ -27,8 +31,6 @@ class ImageError(ValueError):
 def image_files(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """The files to predict (a directory means the image files in it, by name) and the arguments that
     are not usable, each with the reason."""
-    from PIL import Image
-
     extensions = set(Image.registered_extensions())
     files, problems = [], []
     for argument in arguments:
@@ -64,8 +66,6 @@ def read_image(path: Path, invert: bool = False) -> np.ndarray:
     into 28x28 (aspect ratio kept, bilinear, antialiased when it shrinks; the rest filled with background).
     Transparent pixels are background. `invert` turns a photo of a dark object on light ground into that
     polarity."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():  # PIL's own, looser limit warns; ours below refuses
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -144,15 +144,26 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-# ----------------------------------------------------------------------------- ONNX Runtime
+# ----------------------------------------------------------------------------- an export's files
 
+# The folder `export` writes and evaluate/predict read: Hugging Face's layout (config.json, the weights under
+# huggingface_hub's name, a README.md model card), model.onnx with --format onnx; model_card.json was 0.1's card.
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = SAFETENSORS_SINGLE_FILE
+EXPORT_CARD = "README.md"
 ONNX_FILE = "model.onnx"
+OLD_MODEL_CARD = "model_card.json"
+EXPORT_FILES = (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD, ONNX_FILE, OLD_MODEL_CARD)
+EXPORT_FORMAT, OLD_EXPORT_FORMAT = "dist-alexnet-export/2", "dist-alexnet-export/1"  # config.json's "format"
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
 
 
 def onnx_session(folder: Path):
     """An ONNX Runtime session of an export's model.onnx (its input: uint8 images [batch, 28, 28])."""
     try:
-        import onnxruntime
+        import onnxruntime  # the [onnx] extra, imported only for predict --onnx
     except ImportError:
         raise ConfigError("predict --onnx needs ONNX Runtime: pip install 'dist-alexnet[onnx]'") from None
     path = Path(folder) / ONNX_FILE
@@ -188,7 +199,7 @@ def check_onnx_signature(session, path: Path, classes: int | None = None) -> Non
 
 def export_class_names(folder: Path) -> list[str]:
     """The class names an export's config.json lists (ConfigError when it has none)."""
-    path = folder / "config.json"
+    path = folder / EXPORT_CONFIG
     try:
         names = json.loads(path.read_text())["class_names"]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -199,17 +210,32 @@ def export_class_names(folder: Path) -> list[str]:
     return names
 
 
-def predict_onnx(folder: Path, files: list[Path], invert: bool = False, batch_size: int = 256,
-                 top_k: int = 3) -> tuple[list[dict], list[tuple[str, str]]]:
-    """predict with an export's model.onnx on ONNX Runtime: the normalization and the resize are in the graph,
-    so its input is the 28x28 uint8 image itself."""
+def onnx_classifier(folder: Path) -> Classifier:
+    """An export's model.onnx on ONNX Runtime: the normalization and the resize are in the graph, so its input is
+    the 28x28 uint8 image itself."""
     session = onnx_session(folder)
     class_names = export_class_names(Path(folder))
     check_onnx_signature(session, Path(folder) / ONNX_FILE, len(class_names))
+    return Classifier(lambda images: session.run(None, {"images": images})[0], class_names, Path(folder))
+
+
+# ----------------------------------------------------------------------------- predicting
+
+@dataclass(frozen=True)
+class Classifier:
+    """What predict runs, from PyTorch (inference.torch_classifier) or ONNX Runtime (onnx_classifier)."""
+    logits: Callable[[np.ndarray], np.ndarray]  # uint8 images [batch, 28, 28] -> float logits [batch, classes]
+    class_names: list[str]
+    source: Path  # the checkpoint or export it was loaded from
+
+
+def predict(classifier: Classifier, files: list[Path], invert: bool = False, batch_size: int = 256,
+            top_k: int = 3) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Class probabilities of each readable file, and (file, reason) for the others."""
     readable, problems = read_images(files, invert)
     records = []
     for start in range(0, len(readable), batch_size):
         chunk = readable[start:start + batch_size]
-        logits = session.run(None, {"images": np.stack([image for _, image in chunk])})[0]
-        records += [prediction(path, p, class_names, top_k) for (path, _), p in zip(chunk, softmax(logits))]
+        probabilities = softmax(classifier.logits(np.stack([image for _, image in chunk])))
+        records += [prediction(path, p, classifier.class_names, top_k) for (path, _), p in zip(chunk, probabilities)]
     return records, problems

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from dist_alexnet.lr_find import Sweep, smooth, suggest
+from dist_alexnet.lr_sweep import Sweep, smooth, suggest
 from tests.helpers import TINY, events, run, train_tiny
 
 SWEEP = ["--num-steps", "40", "--start-lr", "1e-5", "--end-lr", "1"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dist_alexnet.config import TrainConfig
+from dist_alexnet.config import SCALING_MODEL_OPTIONS, TrainConfig, config_from_args
 from dist_alexnet.device import default_device
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import AlexNet, build_model
@@ -361,15 +361,13 @@ def main(args) -> int:
     """The `dist-alexnet scaling-model` subcommand (flags in cli.py)."""
     if args.profile and args.measure:
         raise ConfigError("--profile and --measure: give one of them")
-    if args.batch_size < 1 or args.image_size < 64 or not 0 < args.model_width <= 4:
-        raise ConfigError(f"--batch-size must be >= 1, --image-size >= 64 and --model-width in (0, 4] (got "
-                          f"{args.batch_size}, {args.image_size}, {args.model_width})")
+    cfg = config_from_args(args, only=SCALING_MODEL_OPTIONS)  # the step: train's checks of its options
     if args.measure:
-        profile = measured_profile(args.batch_size, args.image_size, args.mixed_precision, args.model_width)
+        profile = measured_profile(cfg.batch_size, cfg.image_size, cfg.mixed_precision, cfg.model_width)
     elif args.profile:
         profile = load_profile(args.profile)
     else:
-        profile = layer_flops_profile(1.0, args.image_size, **ASSUMED_GPU_STEP,
+        profile = layer_flops_profile(1.0, cfg.image_size, **ASSUMED_GPU_STEP,
                                       source="assumed H200 step, 40,000 images/s, not measured")
     links = {name: dict(link) for name, link in GPU_LINKS.items()}
     for name, flag in (("nvlink", args.intra_node_gbs), ("infiniband", args.inter_node_gbs)):
