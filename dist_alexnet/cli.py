@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", parents=[debug], help="rebuild RUN_DIR/report.md and its figures from the run's event files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the trainer's --output-dir)")
     report.set_defaults(run=run_report)
+    for subcommand in commands.choices.values():
+        subcommand.set_defaults(parser=subcommand)  # for the errors found after parsing: parse()
     return parser
 
 
@@ -277,8 +279,17 @@ def late(name: str):
     return getattr(loaded, attribute) if attribute else loaded
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; an option the subcommand does not have is reported by the subcommand's parser, so that
+    the error points to its --help (argparse's top-level parser would report it, pointing to its own)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.run(args)
     except ONE_LINE_ERRORS as err:

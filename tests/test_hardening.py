@@ -141,6 +141,7 @@ def test_the_advice_for_a_checkpoint_of_another_width_works(tmp_path, trained_ru
     (["train", "--epochs", "three"], "argument --epochs: invalid int value: 'three'; see `dist-alexnet train --help`"),
     (["train", "--optimizer", "lamb"], "argument --optimizer: invalid choice: 'lamb'"),
     (["predict", "--checkpoint", "x"], "the following arguments are required: IMAGE"),
+    (["benchmark", "--no-such-option"], "unrecognized arguments: --no-such-option; see `dist-alexnet benchmark --help`"),
 ])
 def test_a_command_line_error_is_one_line(argv, words):
     one_error_line(run(argv[1:], subcommand=argv[0], check=False), words, alone=True)
