@@ -312,10 +312,13 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
             check_replicas_agree(run.accelerator, run.parallel, run.model, step)
         if run.schedule.should_log(step):
             log_training(run, state, end.grad_norm)
+        if run.schedule.is_last(step):
+            if end.stop_requested:  # only the evaluation is left: finishing beats a checkpoint and a requeue
+                run.progress.log(f"got {preemption.received or 'a stop signal on another rank'} at the last step: "
+                                 f"finishing the run instead of stopping it")
+            break
         if end.stop_requested:
             outcome = "preempted"
-            break
-        if run.schedule.is_last(step):
             break
         if run.schedule.should_checkpoint(step, state.position, time_due=end.checkpoint_due):
             save(run, state)

@@ -82,23 +82,38 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, data
         assert per_step_losses(other) != per_step_losses(whole), name
 
 
-def test_preempted_at_the_last_step_of_an_epoch_resumes_with_its_evaluation(tmp_path, data_dir):
-    # The checkpoint holds the whole epoch's position (its evaluation had not run yet): valid, and the resumed run
-    # evaluates that epoch, then goes on exactly as an uninterrupted one.
-    last = steps_per_epoch()
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train_tiny(whole, data_dir, *RECIPE)
-    stopped = train_tiny(cut, data_dir, *RECIPE, env=cpu_env(DIST_ALEXNET_SIGNAL=f"0:{last}"))
-    assert f"preempted at step {last} by SIGUSR1" in stopped.stdout, stopped.stdout
-    state = json.loads((list_checkpoints(cut)[-1] / "trainer_state.json").read_text())
-    assert (state["step"], state["epoch"], state["position"]) == (last, 0, TRAIN_SAMPLES)
+# A preemption at a boundary step, made exact by DIST_ALEXNET_SIGNAL (a real SIGUSR1 before that step): the
+# epoch's last step (its evaluation not yet run), a step inside an accumulation group, the run's last step.
+SPE = steps_per_epoch()
+PREEMPTION_CASES = {
+    "epoch_end": ([], SPE, (SPE, 0, TRAIN_SAMPLES)),
+    "accumulating": (["--grad-accum", "2"], SPE // 4, (SPE // 4, 0, SPE // 4 * 64)),  # 2 x 32 samples per step
+    "run_end": ([], 2 * SPE, None),  # only the evaluation was left: it finishes instead
+}
 
-    resumed = train_tiny(cut, data_dir, *RECIPE)
-    assert f"resumed from {cut / 'checkpoints' / f'step_{last:06d}'} at step {last}" in resumed.stdout
-    assert f"step {last} (end of epoch 1) | test loss" in resumed.stdout, resumed.stdout
+
+@pytest.mark.parametrize("case", PREEMPTION_CASES)
+def test_a_preemption_at_a_boundary_step_resumes_as_if_uninterrupted(tmp_path, data_dir, case):
+    extra, step, saved = PREEMPTION_CASES[case]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train_tiny(whole, data_dir, *RECIPE, *extra)
+    stopped = train_tiny(cut, data_dir, *RECIPE, *extra, env=cpu_env(DIST_ALEXNET_SIGNAL=f"0:{step}"))
+    if saved is None:
+        assert f"got SIGUSR1 at the last step: finishing the run" in stopped.stdout, stopped.stdout
+        assert "preempted" not in stopped.stdout
+    else:
+        assert f"preempted at step {step} by SIGUSR1" in stopped.stdout, stopped.stdout
+        state = json.loads((list_checkpoints(cut)[-1] / "trainer_state.json").read_text())
+        assert (state["step"], state["epoch"], state["position"]) == saved
+        resumed = train_tiny(cut, data_dir, *RECIPE, *extra)
+        assert f"resumed from {cut / 'checkpoints' / f'step_{step:06d}'} at step {step}" in resumed.stdout
+        if case == "epoch_end":  # the resumed run evaluates the epoch first
+            assert f"step {step} (end of epoch 1) | test loss" in resumed.stdout, resumed.stdout
     assert per_step_losses(cut) == per_step_losses(whole)
+    assert scalars(cut, "test/acc") == scalars(whole, "test/acc")  # every epoch evaluated once, as uninterrupted
     assert max_difference(final_weights(cut), final_weights(whole)) == 0.0
-    assert metrics(cut)["test_acc"] == metrics(whole)["test_acc"]
+    assert {k: metrics(cut)[k] for k in ("test_acc", "epochs", "steps")} == \
+        {k: metrics(whole)[k] for k in ("test_acc", "epochs", "steps")}
 
 
 def samples_seen(log_dir: Path, epoch: int) -> list[int]:
