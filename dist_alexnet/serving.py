@@ -159,7 +159,6 @@ EXPORT_FORMAT, OLD_EXPORT_FORMAT = "dist-alexnet-export/2", "dist-alexnet-export
 
 # ----------------------------------------------------------------------------- ONNX Runtime
 
-
 def onnx_session(folder: Path):
     """An ONNX Runtime session of an export's model.onnx (its input: uint8 images [batch, 28, 28])."""
     try:
