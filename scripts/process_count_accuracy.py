@@ -10,6 +10,12 @@ on 615 test images by a few points, as another seed does, so one seed's gap is m
 the mean over --seeds, which must agree to within --tolerance. `--dropout 0` takes the masks out (then only the
 order of the sums differs) to show what is left.
 
+--layouts compares any two layouts the same way: 2-process ddp against 2-process hybrid (the classifier split
+between the processes, which draw their dropout masks their own way) on the sample is
+
+    python scripts/process_count_accuracy.py --layouts 2:ddp 2:hybrid --epochs 5 --model-width 0.25 --seeds 0 1 \
+        --tolerance 0.01
+
     python scripts/process_count_accuracy.py                   # seeds 0 1 2; exit 1 when the means differ by more
     python scripts/process_count_accuracy.py --seeds 0 --dropout 0 --json process_count.json
 """
@@ -37,12 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(processes: int, run_dir: Path, args: argparse.Namespace, seed: int) -> tuple[float, float]:
+def layout(text: str) -> tuple[int, str]:
+    """PROCESSES:PARALLELISM, e.g. 2:hybrid."""
+    processes, _, parallelism = text.partition(":")
+    if not processes.isdigit() or int(processes) < 1 or parallelism not in ("ddp", "hybrid"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PROCESSES:PARALLELISM (e.g. 1:ddp, 2:hybrid)")
+    return int(processes), parallelism
+
+
+def layout_name(processes: int, parallelism: str) -> str:
+    return f"{processes} process{'es' if processes > 1 else ''}" + ("" if parallelism == "ddp" else f" {parallelism}")
+
+
+def train(processes: int, parallelism: str, run_dir: Path, args: argparse.Namespace, seed: int) -> tuple[float, float]:
     """(test accuracy, seconds) of one run."""
     options = ["train", "--config", str(REPO / "launch" / "configs" / "accurate.yaml"), "--dataset",
                "fashion-mnist-sample", "--image-size", "64", "--model-width", str(args.model_width), "--epochs",
                str(args.epochs), "--global-batch-size", str(args.global_batch_size), "--seed", str(seed),
-               "--no-log-figures", "--log-every", "1000", "--output-dir", str(run_dir)]
+               "--no-log-figures", "--log-every", "1000", "--parallelism", parallelism, "--output-dir", str(run_dir)]
     if args.dropout is not None:
         options += ["--dropout", str(args.dropout)]
     env = dict(os.environ, ACCELERATE_USE_CPU="1")
@@ -70,31 +88,34 @@ def main() -> int:
     parser.add_argument("--global-batch-size", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=0.02, help="largest accepted gap (default: %(default)g)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--layouts", type=layout, nargs=2, default=[(1, "ddp"), (2, "ddp")], metavar="N:MODE",
+                        help="the two layouts compared, PROCESSES:PARALLELISM (default: 1:ddp 2:ddp)")
     args = parser.parse_args()
+    (first, second), names = args.layouts, [layout_name(*each) for each in args.layouts]
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            one, one_s = train(1, Path(tmp) / f"one-{seed}", args, seed)
-            two, two_s = train(2, Path(tmp) / f"two-{seed}", args, seed)
-            rows.append({"seed": seed, "one_process": one, "two_processes": two, "gap": two - one,
-                         "one_process_seconds": round(one_s, 1), "two_processes_seconds": round(two_s, 1)})
+            a, a_s = train(*first, Path(tmp) / f"first-{seed}", args, seed)
+            b, b_s = train(*second, Path(tmp) / f"second-{seed}", args, seed)
+            rows.append({"seed": seed, "first": a, "second": b, "gap": b - a, "first_seconds": round(a_s, 1),
+                         "second_seconds": round(b_s, 1)})
 
     dropout = "" if args.dropout is None else f", dropout {args.dropout:g}"
     print(f"\naccurate.yaml, shipped sample, {args.epochs} epochs, 64 px, width {args.model_width:g}, global batch "
           f"{args.global_batch_size}{dropout}: test accuracy (615 images)")
-    print("| seed | 1 process | 2 processes | gap | time 1 / 2 processes |\n|---|---|---|---|---|")
+    print(f"| seed | {names[0]} | {names[1]} | gap | time |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['seed']} | {row['one_process']:.4f} | {row['two_processes']:.4f} | {row['gap']:+.4f} | "
-              f"{row['one_process_seconds']:.0f} s / {row['two_processes_seconds']:.0f} s |")
-    one = sum(row["one_process"] for row in rows) / len(rows)
-    two = sum(row["two_processes"] for row in rows) / len(rows)
-    ok = abs(two - one) <= args.tolerance
-    print(f"| mean | {one:.4f} | {two:.4f} | {two - one:+.4f} | |")
-    print(f"the means differ by {abs(two - one):.4f}: {'within' if ok else 'OUTSIDE'} the tolerance of "
+        print(f"| {row['seed']} | {row['first']:.4f} | {row['second']:.4f} | {row['gap']:+.4f} | "
+              f"{row['first_seconds']:.0f} s / {row['second_seconds']:.0f} s |")
+    a = sum(row["first"] for row in rows) / len(rows)
+    b = sum(row["second"] for row in rows) / len(rows)
+    ok = abs(b - a) <= args.tolerance
+    print(f"| mean | {a:.4f} | {b:.4f} | {b - a:+.4f} | |")
+    print(f"the means differ by {abs(b - a):.4f}: {'within' if ok else 'OUTSIDE'} the tolerance of "
           f"{args.tolerance:g} (largest gap of one seed {max(abs(row['gap']) for row in rows):.4f})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "one_process_mean": one, "two_processes_mean": two,
+        Path(args.json).write_text(json.dumps({"layouts": names, "rows": rows, "first_mean": a, "second_mean": b,
                                                "tolerance": args.tolerance, "within": ok, "dropout": args.dropout,
                                                "epochs": args.epochs, "model_width": args.model_width,
                                                "global_batch_size": args.global_batch_size}, indent=2) + "\n")
