@@ -1,6 +1,8 @@
-"""The tests' shared tools: the tiny configuration, one runner for the real command line (in this process or
-in fresh ones, with a hang timeout), the process finder, the TensorBoard event reader and the corrupt-file
-makers."""
+"""The tests' shared tools: the tiny configuration (command-line options, and a TrainConfig for the tests that
+build one in this process), one runner for the real command line (in this process or in fresh ones, under any
+launcher, with a hang timeout), one reader of a process's or a file's lines that waits for a pattern, the
+process finder, what a run left (metrics, TensorBoard scalars, weights, losses), the shared assertions and the
+corrupt-file makers."""
 
 from __future__ import annotations
 
@@ -8,13 +10,17 @@ import contextlib
 import io
 import json
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,11 +32,16 @@ BIN = Path(sys.executable).parent
 # The real architecture at 1/8 width on 64x64 inputs, on a small synthetic set (the `data_dir` fixture makes
 # it once). Without the evaluation figures (matplotlib would take about a third of each tiny run);
 # test_monitor.py turns them back on.
-TRAIN_SAMPLES, TEST_SAMPLES, BATCH, LOG_EVERY, WIDTH = 1024, 101, 32, 4, 0.125
+TRAIN_SAMPLES, TEST_SAMPLES, BATCH, LOG_EVERY, WIDTH, IMAGE_SIZE = 1024, 101, 32, 4, 0.125, 64
 TINY_WITHOUT_BATCH = ["--dataset", "synthetic", "--synthetic-train-size", str(TRAIN_SAMPLES), "--synthetic-test-size",
-                      str(TEST_SAMPLES), "--image-size", "64", "--model-width", str(WIDTH), "--log-every",
+                      str(TEST_SAMPLES), "--image-size", str(IMAGE_SIZE), "--model-width", str(WIDTH), "--log-every",
                       str(LOG_EVERY), "--no-log-figures"]
 TINY = [*TINY_WITHOUT_BATCH, "--batch-size", str(BATCH)]
+
+# A warmup + cosine schedule and a weight average: their state must survive an interruption too (the exact-resume
+# tests of test_resume.py and test_parallel.py).
+RECIPE = ["--epochs", "2", "--log-every", "1", "--lr-schedule", "cosine", "--warmup-steps", "5", "--min-lr", "1e-5",
+          "--ema-decay", "0.9"]
 
 
 def steps_per_epoch(processes: int = 1) -> int:
@@ -41,6 +52,16 @@ def tiny_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """TINY on `data_dir`, into `run_dir`; with --global-batch-size among `extra`, without TINY's --batch-size."""
     options = TINY_WITHOUT_BATCH if "--global-batch-size" in extra else TINY
     return [*options, "--data-dir", str(data_dir), "--output-dir", str(run_dir), *extra]
+
+
+def tiny_config(**overrides):
+    """TINY's options as a dist_alexnet.config.TrainConfig, with keyword overrides of any field (not validated:
+    call .validate() where the test needs it)."""
+    from dist_alexnet.config import TrainConfig
+
+    values = dict(dataset="synthetic", synthetic_train_size=TRAIN_SAMPLES, synthetic_test_size=TEST_SAMPLES,
+                  image_size=IMAGE_SIZE, model_width=WIDTH, batch_size=BATCH, log_every=LOG_EVERY, log_figures=False)
+    return TrainConfig(**{**values, **overrides})
 
 
 def tiny_split(data_dir: Path, train: bool = False):
@@ -75,8 +96,27 @@ def cpu_env(**extra) -> dict:
     return env
 
 
-def command(args: list[str], processes: int = 1, subcommand: str = "train") -> list[str]:
-    """`dist-alexnet SUBCOMMAND ARGS`, under `accelerate launch` with N CPU processes when N > 1."""
+def torchrun(*options: str, processes: int = 2) -> list[str]:
+    """The `torchrun` launcher with N processes on this machine (its own options after)."""
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(processes), *options]
+
+
+def accelerate_with(config: str, *options: str) -> list[str]:
+    """`accelerate launch` with one of the repository's config files (launch/accelerate/...), options after."""
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / config), *options]
+
+
+def command(args: list[str], processes: int = 1, subcommand: str = "train", launcher: list[str] | None = None,
+            blocked_imports: tuple[str, ...] = ()) -> list[str]:
+    """`dist-alexnet SUBCOMMAND ARGS`: under `launcher` (e.g. torchrun(...)) when given, else under
+    `accelerate launch` with N CPU processes when N > 1; `blocked_imports`: in a Python in which importing those
+    modules fails (an extra that is not installed)."""
+    if blocked_imports:
+        hide = "; ".join(f"sys.modules[{name!r}] = None" for name in blocked_imports)
+        code = f"import sys; {hide}; from dist_alexnet.cli import main; sys.exit(main(sys.argv[1:]))"
+        return [sys.executable, "-c", code, subcommand, *args]
+    if launcher is not None:
+        return [*launcher, "-m", "dist_alexnet.cli", subcommand, *args]
     if processes == 1:
         return [sys.executable, "-m", "dist_alexnet.cli", subcommand, *args]
     return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
@@ -85,21 +125,22 @@ def command(args: list[str], processes: int = 1, subcommand: str = "train") -> l
 
 
 def run(args: list[str], processes: int = 1, subcommand: str = "train", timeout: float = 300, check: bool = True,
-        env: dict | None = None, cwd=None, in_process: bool | None = None,
-        prefix: list[str] = ()) -> subprocess.CompletedProcess:
+        env: dict | None = None, cwd=None, in_process: bool | None = None, prefix: list[str] = (),
+        launcher: list[str] | None = None, blocked_imports: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run `dist-alexnet SUBCOMMAND ARGS` and return its exit code and output.
 
     One process runs in this one (the command line's entry point, main(argv): the same code path without a
-    process start), unless in_process=False or a `prefix` command is given; several run under
-    `accelerate launch`. A real run still going after `timeout` seconds fails the test as a hang, and its
-    whole process tree is killed."""
+    process start), unless in_process=False, a `prefix` command (e.g. setpriv ...), a `launcher` or
+    `blocked_imports` is given (see command()); several run under `accelerate launch`. A real run still going
+    after `timeout` seconds fails the test as a hang, and its whole process tree is killed."""
     env = env or cpu_env()
     if in_process is None:
-        in_process = processes == 1 and not prefix
+        in_process = processes == 1 and not prefix and launcher is None and not blocked_imports
     if in_process:
         result = run_in_this_process([subcommand, *args], env, cwd or REPO)
     else:
-        result = run_process([*prefix, *command(args, processes, subcommand)], env, cwd or REPO, timeout)
+        result = run_process([*prefix, *command(args, processes, subcommand, launcher, blocked_imports)], env,
+                             cwd or REPO, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
                              f"stderr:\n{result.stderr[-4000:]}")
@@ -107,6 +148,7 @@ def run(args: list[str], processes: int = 1, subcommand: str = "train", timeout:
 
 
 def run_process(cmd: list[str], env: dict, cwd, timeout: float) -> subprocess.CompletedProcess:
+    """Any command in a fresh process, its output captured; a hang (past `timeout`) kills its tree and fails."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -157,23 +199,94 @@ def train_tiny(run_dir: Path, data_dir: Path, *extra: str, processes: int = 1, *
     return run(tiny_args(data_dir, run_dir, *extra), processes=processes, **kwargs)
 
 
-def start(args: list[str], processes: int = 1, env: dict | None = None) -> subprocess.Popen:
-    """A real run in the background, its stdout and stderr merged into proc.stdout (for signals and kills)."""
-    return subprocess.Popen(command(args, processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env or cpu_env(), cwd=REPO)
+def start(args: list[str], processes: int = 1, env: dict | None = None, launcher: list[str] | None = None,
+          subcommand: str = "train") -> subprocess.Popen:
+    """A real run in the background, its stdout and stderr merged into proc.stdout (for signals and kills; read
+    it with Lines(proc))."""
+    return subprocess.Popen(command(args, processes, subcommand, launcher), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env or cpu_env(), cwd=REPO)
 
 
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
-    """Read proc's output until a line containing `needle`; the lines read so far."""
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)[-3000:]}")
+class Seen(NamedTuple):
+    index: int  # of the line in Lines.lines
+    time: float  # time.monotonic() when the line was first read
+    match: re.Match
+
+
+class Lines:
+    """The lines of a running process's output (read in a thread as they come, proc.stdout of start()) or of a
+    file that something else writes (read again at each look), each with the time it was first read; wait_for
+    waits for a line matching a pattern."""
+
+    FILE_POLL = 0.05  # seconds between looks at a file
+
+    def __init__(self, source: subprocess.Popen | Path):
+        self.lines: list[tuple[float, str]] = []
+        self.proc = source if isinstance(source, subprocess.Popen) else None
+        self.path = None if self.proc else Path(source)
+        self._fresh: queue.Queue = queue.Queue()
+        self._reader = None
+        if self.proc:
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line))
+            self._fresh.put(None)
+        self._fresh.put(None)  # the end of the output
+
+    def _look_at_file(self) -> None:
+        text = self.path.read_text(errors="replace") if self.path.exists() else ""
+        whole = text.splitlines(keepends=True)
+        if whole and not whole[-1].endswith("\n"):
+            whole.pop()  # a line still being written
+        now = time.monotonic()
+        self.lines.extend((now, line) for line in whole[len(self.lines):])
+
+    def _ended(self) -> bool:
+        return self.proc is not None and not self._reader.is_alive()
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = 180) -> Seen:
+        """The first line from index `after` on that matches the regular expression `pattern` (re.search). Fails
+        when `timeout` seconds pass, or the process's output ends, without one."""
+        deadline, index = time.monotonic() + timeout, after
+        while True:
+            if self.path:
+                self._look_at_file()
+            ended = self._ended()  # before reading the lines: none can come after it
+            while index < len(self.lines):
+                match = re.search(pattern, self.lines[index][1])
+                if match:
+                    return Seen(index, self.lines[index][0], match)
+                index += 1
+            left = deadline - time.monotonic()
+            if ended or left <= 0:
+                break
+            if self.path:
+                time.sleep(min(self.FILE_POLL, left))
+            else:
+                with contextlib.suppress(queue.Empty):
+                    self._fresh.get(timeout=min(1.0, left))
+        why = "the output ended" if ended else f"{timeout} s passed"
+        where = f" in {self.path}" if self.path else ""
+        raise AssertionError(f"no line matching {pattern!r}{where} ({why}):\n{self.text()[-4000:]}")
+
+    def finish(self, timeout: float = 120) -> int:
+        """The process's exit code, once it has exited and all its output is read (a hang fails the test)."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid)
+            self.proc.wait()
+            raise AssertionError(f"still running after {timeout} s:\n{self.text()[-4000:]}") from None
+        self._reader.join(timeout=30)
+        return code
+
+    def text(self) -> str:
+        if self.path:
+            self._look_at_file()
+        return "".join(line for _, line in self.lines)
 
 
 def fake_scontrol(folder: Path, job_id: str) -> tuple[dict, Path]:
@@ -236,8 +349,11 @@ def metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
-def events(run_dir: Path):
-    """TensorBoard's own reader over the run's event files, everything loaded."""
+def event_record(run_dir: Path):
+    """TensorBoard's own reader over the run's event files, every event as written. For the run's data as the
+    report reads it, use dist_alexnet.report.read_events(run_dir / "tensorboard"); that one keeps a step's
+    later event only, so a step written twice shows only here (what the every-step-once checks need), and only
+    here are the summaries' metadata (the hparams plugin's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
@@ -246,8 +362,79 @@ def events(run_dir: Path):
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of one TensorBoard scalar."""
-    return [(e.step, e.value) for e in events(run_dir).Scalars(tag)]
+    """(step, value) pairs of one TensorBoard scalar, every event as written (see event_record)."""
+    return [(e.step, e.value) for e in event_record(run_dir).Scalars(tag)]
+
+
+def per_step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, train/loss) as TensorBoard recorded them."""
+    return scalars(run_dir, "train/loss")
+
+
+def final_weights(run_dir: Path, which: str = "model") -> dict:
+    """The newest checkpoint's weights (`which`: model, or ema for the weight average)."""
+    from safetensors.torch import load_file
+
+    from dist_alexnet.checkpoint import list_checkpoints
+
+    return load_file(list_checkpoints(run_dir)[-1] / f"{which}.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def single_process_correct(checkpoint: Path, data_dir: Path) -> int:
+    """The number of tiny test samples a plain, single-process evaluation of the checkpoint gets right."""
+    from safetensors.torch import load_file
+
+    from dist_alexnet.inputs import to_model_input
+    from dist_alexnet.model import AlexNet
+
+    model = AlexNet(width=WIDTH).eval()
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    test = tiny_split(data_dir)
+    with torch.no_grad():
+        predictions = model(to_model_input(test.images, IMAGE_SIZE)).argmax(1)
+    return int((predictions == test.labels).sum())
+
+
+# ----------------------------------------------------------------------------- shared assertions
+
+ERROR = "dist-alexnet: error: "
+
+
+def errors(result) -> list[str]:
+    """Our one-line messages (every rank prints its own)."""
+    return [line[len(ERROR):] for line in result.stderr.splitlines() if line.startswith(ERROR)]
+
+
+def assert_clean_failure(result, processes: int, code: int = 2) -> str:
+    """One identical line per rank and no traceback but the launcher's; the exit code of a single process, or
+    any non-zero one from the launcher (torch elastic reports a failed worker as exit 1, with a traceback and
+    a ChildFailedError summary of its own). Returns the message."""
+    output = result.stdout + result.stderr
+    assert not re.search(r'File ".*dist_alexnet/', output), output[-4000:]
+    assert output.count("Traceback") == (processes > 1) and "Exception in thread" not in output, output[-4000:]
+    lines = errors(result)
+    assert len(lines) == processes and len(set(lines)) == 1, output[-4000:]
+    assert result.returncode == code if processes == 1 else result.returncode != 0, output[-4000:]
+    return lines[0]
+
+
+def assert_same_optimization(a: Path, b: Path, steps: int) -> None:
+    """Same steps, per-step losses within float tolerance (the same sums in another order), and final weights
+    within a fraction of one Adam step (lr 1e-3: a weight whose gradient is near 0 can move either way)."""
+    assert metrics(a)["steps"] == metrics(b)["steps"] == steps
+    losses_a, losses_b = per_step_losses(a), per_step_losses(b)
+    assert [s for s, _ in losses_a] == [s for s, _ in losses_b]
+    torch.testing.assert_close(torch.tensor([v for _, v in losses_a]), torch.tensor([v for _, v in losses_b]),
+                               rtol=1e-4, atol=1e-5)
+    weights_a, weights_b = final_weights(a), final_weights(b)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=5e-4)
 
 
 # ----------------------------------------------------------------------------- corrupt files

@@ -4,7 +4,6 @@ ratios that make sense, input errors, and the GPU check script end to end at toy
 import json
 import math
 import os
-import subprocess
 
 import pytest
 
@@ -14,7 +13,7 @@ from torch import nn
 from dist_alexnet.perf.measure import backward_flops_by_layer, training_flops
 from dist_alexnet.cli import main
 from dist_alexnet.model import AlexNet
-from tests.helpers import BIN, REPO, cpu_env, run
+from tests.helpers import BIN, REPO, cpu_env, run, run_process
 
 BENCHMARK_FIELDS = {
     "device", "device_name", "torch_version", "image_size", "batch_size", "mixed_precision", "compile", "augment",
@@ -113,8 +112,7 @@ def test_benchmark_input_errors_are_one_line_each(capsys):
 def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     folder = tmp_path / "check"
     env = cpu_env(GPU_CHECK_DIR=folder, PYTHON=BIN / "python", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh")], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=400)
+    result = run_process(["bash", str(REPO / "scripts/gpu_check.sh")], env, tmp_path, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "toy sizes on the CPU" in result.stdout
 

@@ -1,26 +1,9 @@
 """Real multi-process training: `accelerate launch` with 2 CPU processes (DDP over gloo)."""
 
-import subprocess
-
 import pytest
 
-import torch
-from safetensors.torch import load_file
-
-from dist_alexnet.inputs import to_model_input
-from dist_alexnet.model import AlexNet
-from tests.helpers import (BIN, REPO, TEST_SAMPLES, WIDTH, cpu_env, free_port, metrics, scalars, steps_per_epoch,
-                           tiny_args, tiny_split, train_tiny)
-
-
-def single_process_correct(checkpoint, data_dir) -> int:
-    """The number of test samples a plain, single-process evaluation of the checkpoint gets right."""
-    model = AlexNet(width=WIDTH).eval()
-    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    test = tiny_split(data_dir)
-    with torch.no_grad():
-        predictions = model(to_model_input(test.images, 64)).argmax(1)
-    return int((predictions == test.labels).sum())
+from tests.helpers import (TEST_SAMPLES, accelerate_with, cpu_env, free_port, metrics, run, scalars,
+                           single_process_correct, steps_per_epoch, tiny_args, train_tiny)
 
 
 def test_two_process_run_is_one_ddp_job_with_exact_evaluation(tmp_path, data_dir):
@@ -45,11 +28,9 @@ def test_two_process_run_is_one_ddp_job_with_exact_evaluation(tmp_path, data_dir
 @pytest.mark.slow
 def test_launch_config_file_for_two_cpu_processes(tmp_path, data_dir):
     """launch/accelerate/cpu_2proc.yaml starts two processes that join one job."""
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/accelerate/cpu_2proc.yaml"),
-           "--main_process_port", str(free_port()), "-m", "dist_alexnet.cli", "train",
-           *tiny_args(data_dir, tmp_path / "run", "--max-steps", "3")]
     env = cpu_env()
     env.pop("ACCELERATE_USE_CPU")  # the trainer itself falls back to the CPU when CUDA is absent
-    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
+    run(tiny_args(data_dir, tmp_path / "run", "--max-steps", "3"), env=env,
+        launcher=accelerate_with("launch/accelerate/cpu_2proc.yaml", "--main_process_port", str(free_port())))
     m = metrics(tmp_path / "run")
     assert m["world_size"] == 2 and m["steps"] == 3 and m["test_samples"] == TEST_SAMPLES

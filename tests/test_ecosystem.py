@@ -11,7 +11,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -25,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_alexnet.checkpoint import list_checkpoints
-from tests.helpers import (BIN, REPO, cpu_env, free_port, metrics, run, scalars, start, stop, tiny_args, tiny_split,
-                           wait_for_line)
+from tests.helpers import (BIN, REPO, Lines, cpu_env, free_port, metrics, run, scalars, start, stop, tiny_args,
+                           tiny_split)
 
 
 def needs(module: str):
@@ -59,10 +58,11 @@ def test_mlflow_gets_the_tensorboard_scalars_and_a_resumed_run_continues_its_run
     args = tiny_args(data_dir, run_dir, "--epochs", "2", "--checkpoint-every", "8", "--report-to", "tensorboard,mlflow")
     # interrupted after it logged step 12 (its last checkpoint: step 8), then resumed to the end
     first = start(args, env=env)
+    output = Lines(first)
     try:
-        wait_for_line(first, "step 12/")
+        output.wait_for("step 12/")
         first.send_signal(signal.SIGKILL)
-        first.wait()
+        output.finish()
     finally:
         first.kill()
     run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow_run_id"]
@@ -159,10 +159,8 @@ def test_wandb_offline_gets_the_same_scalars_and_tensorboard_can_be_left_out(tmp
 
 
 def test_a_missing_tracker_extra_is_one_line(tmp_path, data_dir):
-    hidden = "import sys; sys.modules['mlflow'] = None; from dist_alexnet.cli import main; sys.exit(main(sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", hidden, "train",
-                             *tiny_args(data_dir, tmp_path / "run", "--report-to", "mlflow")],
-                            capture_output=True, text=True, env=cpu_env(), cwd=REPO, timeout=120)
+    result = run(tiny_args(data_dir, tmp_path / "run", "--report-to", "mlflow"), blocked_imports=("mlflow",),
+                 check=False, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ("dist-alexnet: error: --report-to mlflow needs the mlflow extra: pip install "
                                      "'dist-alexnet[mlflow]'")
@@ -247,12 +245,8 @@ def test_predict_onnx_runs_without_torch_and_agrees_with_the_checkpoint(onnx_exp
     test = tiny_split(data_dir)
     for i, image in enumerate(test.images):
         Image.fromarray(image.numpy(), mode="L").save(tmp_path / f"{i:04d}.png")
-    blocked = ("import sys; sys.modules['torch'] = None; from dist_alexnet.cli import main; "
-               "sys.exit(main(sys.argv[1:]))")  # any import of torch fails
-    onnx = subprocess.run([sys.executable, "-c", blocked, "predict", "--onnx", "--checkpoint", str(onnx_export),
-                           "--json", str(tmp_path)], capture_output=True, text=True, env=cpu_env(), cwd=REPO,
-                          timeout=120)
-    assert onnx.returncode == 0, onnx.stderr[-3000:]
+    onnx = run(["--onnx", "--checkpoint", str(onnx_export), "--json", str(tmp_path)], subcommand="predict",
+               blocked_imports=("torch",), timeout=120)  # any import of torch fails
     checkpoint = run(["--checkpoint", str(list_checkpoints(trained_run)[-1]), "--json", str(tmp_path)],
                      subcommand="predict")
     onnx_classes = [p["class_index"] for p in json.loads(onnx.stdout)["predictions"]]

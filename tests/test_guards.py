@@ -5,7 +5,6 @@ rather than an error. Each failure: one line per rank, no traceback, a non-zero 
 
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,32 +14,12 @@ import torch
 
 from dist_alexnet.checkpoint import half_written, list_checkpoints, load_checkpoint
 from dist_alexnet.monitor import loss_scale_note
-from tests.helpers import TINY, cpu_env, run, tiny_args, train_tiny
-
-ERROR = "dist-alexnet: error: "
+from tests.helpers import TINY, assert_clean_failure, cpu_env, run, tiny_args, tiny_config, train_tiny
 
 
 def launch(args: list[str], processes: int, timeout: float = 180, env: dict | None = None):
     """The command line, under `accelerate launch` when processes > 1; a hang fails the test."""
     return run(args, processes=processes, timeout=timeout, check=False, env=env)
-
-
-def errors(result) -> list[str]:
-    """Our one-line messages (every rank prints its own)."""
-    return [line[len(ERROR):] for line in result.stderr.splitlines() if line.startswith(ERROR)]
-
-
-def assert_clean_failure(result, processes: int, code: int = 2) -> str:
-    """One identical line per rank and no traceback but the launcher's; the exit code of a single process, or
-    any non-zero one from the launcher (torch elastic reports a failed worker as exit 1, with a traceback and
-    a ChildFailedError summary of its own). Returns the message."""
-    output = result.stdout + result.stderr
-    assert not re.search(r'File ".*dist_alexnet/', output), output[-4000:]
-    assert output.count("Traceback") == (processes > 1) and "Exception in thread" not in output, output[-4000:]
-    lines = errors(result)
-    assert len(lines) == processes and len(set(lines)) == 1, output[-4000:]
-    assert result.returncode == code if processes == 1 else result.returncode != 0, output[-4000:]
-    return lines[0]
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
@@ -213,13 +192,12 @@ def test_fp16_gradient_overflow_is_reported_not_fatal(tmp_path, monkeypatch):
     import torch.nn.functional as F
     from accelerate import Accelerator
 
-    from dist_alexnet.config import TrainConfig
     from dist_alexnet.model import build_model
     from dist_alexnet.monitor import Monitor
     from dist_alexnet.optimization import make_optimizer
 
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    cfg = TrainConfig(model_width=0.125, image_size=64, log_every=1, mixed_precision="fp16")
+    cfg = tiny_config(log_every=1, mixed_precision="fp16")
     accelerator = Accelerator(mixed_precision="fp16", log_with="tensorboard", project_dir=str(tmp_path))
     accelerator.init_trackers("tensorboard")
     model = build_model(cfg, accelerator.device)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_alexnet.checkpoint import list_checkpoints
-from tests.helpers import REPO, cpu_env, run, scalars, start, stop, tiny_args, wait_for_line
+from tests.helpers import REPO, Lines, cpu_env, run, scalars, start, stop, tiny_args
 
 
 def one_error_line(result, words: str, alone: bool = False) -> None:
@@ -113,10 +113,12 @@ def test_a_profile_cut_short_by_a_preemption_closes_cleanly(tmp_path, data_dir):
     and the process exits 0 instead of dying of SIGSEGV."""
     run_dir = tmp_path / "run"
     proc = start(tiny_args(data_dir, run_dir, "--epochs", "1", "--profile-steps", "2:30"))
+    output = Lines(proc)
     try:
-        wait_for_line(proc, "step 4/")
+        output.wait_for("step 4/")
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        output.finish(timeout=120)
+        out = output.text()
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-3000:]

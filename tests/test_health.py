@@ -5,8 +5,7 @@ import re
 import pytest
 
 from dist_alexnet.health import StragglerWatch
-from tests.helpers import cpu_env, metrics, run, scalars, tiny_args, train_tiny
-from tests.test_guards import assert_clean_failure
+from tests.helpers import assert_clean_failure, cpu_env, metrics, run, scalars, tiny_args, train_tiny
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", pytest.param("hybrid", marks=pytest.mark.slow)])

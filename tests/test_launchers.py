@@ -3,12 +3,10 @@
 launch/accelerate/multi_node.yaml template. Each must form one 2-process DDP job whose weights are
 bit-identical to the standard one-machine 2-process run of the same configuration."""
 
-import subprocess
-
 import pytest
 
-from tests.helpers import BIN, REPO, TEST_SAMPLES, cpu_env, free_port, metrics, run_process, tiny_args, train_tiny
-from tests.test_distributed import single_process_correct
+from tests.helpers import (TEST_SAMPLES, Lines, accelerate_with, free_port, kill_tree, metrics, run,
+                           single_process_correct, start, tiny_args, torchrun, train_tiny)
 
 pytestmark = pytest.mark.slow  # torchrun and two-machine launches
 
@@ -35,10 +33,8 @@ def check_one_job(run_dir, data_dir, reference):
 
 def test_torchrun_two_processes_form_one_job(tmp_path, data_dir, reference):
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "dist_alexnet.cli", "train", *tiny_args(data_dir, run_dir, *STEPS)]
-    result = run_process(cmd, cpu_env(), REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run(tiny_args(data_dir, run_dir, *STEPS),
+        launcher=torchrun("--master_addr", "127.0.0.1", "--master_port", str(free_port())))
     check_one_job(run_dir, data_dir, reference)
 
 
@@ -46,21 +42,18 @@ def test_two_machines_meet_at_the_head_and_form_one_job(tmp_path, data_dir, refe
     """Machine rank 0 and 1 as two separate launchers, as multinode.sbatch starts them on two nodes."""
     run_dir, port = tmp_path / "run", free_port()
     launchers = []
-    for machine_rank in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch/accelerate/multi_node.yaml"),
-               "--num_machines", "2", "--machine_rank", str(machine_rank), "--num_processes", "2",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
-               "-m", "dist_alexnet.cli", "train", *tiny_args(data_dir, run_dir, *STEPS)]
-        launchers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          env=cpu_env(), cwd=REPO))
     try:
-        outputs = [p.communicate(timeout=300)[0] for p in launchers]
+        for machine_rank in (0, 1):
+            launchers.append(Lines(start(tiny_args(data_dir, run_dir, *STEPS), launcher=accelerate_with(
+                "launch/accelerate/multi_node.yaml", "--num_machines", "2", "--machine_rank", str(machine_rank),
+                "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                "--mixed_precision", "no"))))
+        for out in launchers:
+            assert out.finish(timeout=300) == 0, out.text()[-4000:]
     finally:
-        for p in launchers:
-            p.kill()
-            p.wait()
-    for p, out in zip(launchers, outputs):
-        assert p.returncode == 0, out[-4000:]
+        for out in launchers:
+            kill_tree(out.proc.pid)
+    outputs = [out.text() for out in launchers]
     # global rank 0 (machine 0) alone prints and writes
     assert "run directory" in outputs[0] and "run directory" not in outputs[1]
     check_one_job(run_dir, data_dir, reference)

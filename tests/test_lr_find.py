@@ -9,7 +9,7 @@ import math
 import pytest
 
 from dist_alexnet.lr_sweep import Sweep, smooth, suggest
-from tests.helpers import TINY, events, run, train_tiny
+from tests.helpers import TINY, run, scalars, train_tiny
 
 SWEEP = ["--num-steps", "40", "--start-lr", "1e-5", "--end-lr", "1"]
 TINY_LR_FIND = [option for option in TINY if option != "--no-log-figures"]  # lr-find draws no evaluation figures
@@ -33,9 +33,8 @@ def test_lr_find_writes_its_json_plot_and_scalars_and_no_checkpoint(tmp_path, da
     assert 1e-5 <= found["suggested_lr"] <= 1 and found["lrs"][0] <= found["min_loss_lr"] <= found["lrs"][-1]
     assert found["world_size"] == 1 and found["global_batch"] == 32
     assert (out / "lr_find.png").stat().st_size > 10_000
-    recorded = events(out)
-    assert len(recorded.Scalars("lr_find/smoothed_loss")) == len(recorded.Scalars("lr_find/lr")) == steps
-    assert recorded.Scalars("lr_find/suggested_lr")[0].value == pytest.approx(found["suggested_lr"])
+    assert len(scalars(out, "lr_find/smoothed_loss")) == len(scalars(out, "lr_find/lr")) == steps
+    assert scalars(out, "lr_find/suggested_lr")[0][1] == pytest.approx(found["suggested_lr"])
     assert not (out / "checkpoints").exists()
     assert not list(tmp_path.rglob("*.safetensors"))
 

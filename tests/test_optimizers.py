@@ -4,17 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_alexnet.config import TrainConfig
 from dist_alexnet.model import AlexNet
 from dist_alexnet.optimization import make_optimizer
-from tests.helpers import train_tiny
+from tests.helpers import tiny_config, train_tiny
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_fused_is_chosen_on_the_cpu_and_foreach_can_be_forced(name):
     model = AlexNet(width=0.05)
-    fused = make_optimizer(TrainConfig(optimizer=name), model, 1e-3)
-    forced = make_optimizer(TrainConfig(optimizer=name, optimizer_implementation="foreach"), model, 1e-3)
+    fused = make_optimizer(tiny_config(optimizer=name), model, 1e-3)
+    forced = make_optimizer(tiny_config(optimizer=name, optimizer_implementation="foreach"), model, 1e-3)
     assert fused.defaults["fused"] and not fused.defaults["foreach"]
     assert forced.defaults["foreach"] and not forced.defaults["fused"]
 

@@ -11,6 +11,7 @@ from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.datasets import MEAN, STD, Split
 from dist_alexnet.inputs import PAD, crop_flip, make_loader, to_model_input, training_input
 from dist_alexnet.schedule import BatchPlan
+from tests.helpers import tiny_config
 
 # PIL resizes in fixed point and rounds its output to 8 bits: the pipelines differ by up to 1/255 of
 # the [0, 1] range per pixel (measured: max exactly 1/255, mean about 0.3/255), i.e. 1 / (255 * STD)
@@ -27,7 +28,7 @@ def random_split(n: int, seed: int = 0) -> Split:
 @pytest.mark.parametrize("image_size", [64, 224])
 def test_device_and_torchvision_pipelines_give_the_same_tensors(image_size):
     split = random_split(96)
-    cfg = TrainConfig(image_size=image_size, batch_size=48, num_workers=0, seed=3)
+    cfg = tiny_config(image_size=image_size, batch_size=48, num_workers=0, seed=3)
     batch = BatchPlan.of(cfg, 1)
     device_loader, _ = make_loader(split, dataclasses.replace(cfg, pipeline="device"), batch, train=True)
     torchvision_loader, _ = make_loader(split, dataclasses.replace(cfg, pipeline="torchvision"), batch, train=True)
@@ -93,9 +94,9 @@ def test_augmentation_differs_between_samples():
 def test_training_input_augments_only_when_asked():
     split = random_split(32)
     batch = (split.images, split.labels, torch.arange(32))
-    plain, labels = training_input(batch, TrainConfig(image_size=64), epoch=0)
+    plain, labels = training_input(batch, tiny_config(), epoch=0)
     torch.testing.assert_close(plain, to_model_input(split.images, 64))
-    augmented, _ = training_input(batch, TrainConfig(image_size=64, augment=True, seed=1), epoch=0)
+    augmented, _ = training_input(batch, tiny_config(augment=True, seed=1), epoch=0)
     torch.testing.assert_close(augmented, to_model_input(crop_flip(split.images, batch[2], 1, 0), 64))
     assert torch.equal(labels, split.labels)
 

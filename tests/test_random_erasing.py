@@ -9,6 +9,7 @@ import torch
 
 from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.inputs import erase_boxes, random_erase, to_model_input, training_input
+from tests.helpers import tiny_config
 
 SIZE = 64
 
@@ -71,10 +72,10 @@ def test_erasing_sets_exactly_the_rectangle_to_zero_and_leaves_the_rest():
 def test_probability_zero_changes_nothing():
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
     batch = (images, torch.zeros(32, dtype=torch.long), torch.arange(32))
-    plain, _ = training_input(batch, TrainConfig(image_size=SIZE), epoch=0)
+    plain, _ = training_input(batch, tiny_config(image_size=SIZE), epoch=0)
     assert torch.equal(plain, to_model_input(images, SIZE))
     assert torch.equal(random_erase(plain, batch[2], seed=0, epoch=0, p=0.0), plain)
-    erased, _ = training_input(batch, TrainConfig(image_size=SIZE, random_erasing=1.0), epoch=0)
+    erased, _ = training_input(batch, tiny_config(image_size=SIZE, random_erasing=1.0), epoch=0)
     assert not torch.equal(erased, plain)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.datasets import SAMPLE_DIR, SAMPLE_FILES, load_sample, read_idx
 from dist_alexnet.optimization import LRSchedule
 from dist_alexnet.schedule import BatchPlan
-from tests.helpers import REPO, metrics, run, scalars, steps_per_epoch, train_tiny
+from tests.helpers import (REPO, assert_same_optimization, metrics, run, scalars, steps_per_epoch, tiny_config,
+                           train_tiny)
 
 SHARED_SAMPLE = REPO.parent / "shared" / "fashion-mnist-sample"
 PUBLISHED_SHA256 = {  # as Fashion-MNIST's sample README gives them
@@ -145,25 +145,6 @@ def test_the_global_batch_must_divide_by_processes_and_accumulation():
 
 # ----------------------------------------------------------------------------- the same optimization on 1 or 2
 
-def per_step_losses(run_dir: Path) -> list[float]:
-    return [loss for _, loss in scalars(run_dir, "train/loss")]
-
-
-def final_weights(run_dir: Path) -> dict:
-    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
-
-
-def assert_same_optimization(a: Path, b: Path, steps: int) -> None:
-    """Same steps, per-step losses within float tolerance (the same sums in another order), and final weights
-    within a fraction of one Adam step (lr 1e-3: a weight whose gradient is near 0 can move either way)."""
-    assert metrics(a)["steps"] == metrics(b)["steps"] == steps
-    torch.testing.assert_close(torch.tensor(per_step_losses(a)), torch.tensor(per_step_losses(b)), rtol=1e-4,
-                               atol=1e-5)
-    weights_a, weights_b = final_weights(a), final_weights(b)
-    for name in weights_a:
-        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=5e-4)
-
-
 @pytest.mark.slow
 def test_global_batch_size_gives_the_same_run_on_one_and_two_processes(tmp_path, data_dir):
     args = ["--global-batch-size", "32", "--dropout", "0", "--epochs", "1", "--log-every", "1", "--max-steps", "12"]
@@ -231,7 +212,7 @@ def test_a_step_the_gradient_scaler_skipped_is_not_applied(monkeypatch):
     from dist_alexnet.steps import TrainStep
 
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    cfg = TrainConfig(model_width=0.125, image_size=64, mixed_precision="fp16").validate()
+    cfg = tiny_config(mixed_precision="fp16").validate()
     accelerator = Accelerator(mixed_precision="fp16")
     model = build_model(cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, make_optimizer(cfg, model, cfg.lr))

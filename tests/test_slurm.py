@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import (LOG_EVERY, REPO, TEST_SAMPLES, TINY, cpu_env, free_port, metrics, scalars, steps_per_epoch,
-                           stop)
+from tests.helpers import (LOG_EVERY, REPO, TEST_SAMPLES, TINY, Lines, cpu_env, free_port, metrics, scalars,
+                           steps_per_epoch, stop)
 
 pytestmark = pytest.mark.slow  # a real Slurm cluster
 
@@ -232,17 +232,6 @@ def test_multinode_sbatch_forms_one_job_across_two_nodes(slurm, tmp_path, data_d
     assert m["param_checksums"][0] == m["param_checksums"][1]
 
 
-def wait_for_line(path: Path, pattern: str, timeout: float = 120) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(pattern, path.read_text() if path.exists() else "", re.MULTILINE)
-        if match:
-            return match
-        time.sleep(0.2)
-    raise AssertionError(f"no line matching {pattern!r} in {path} after {timeout} s:\n"
-                         f"{path.read_text()[-4000:] if path.exists() else '(missing)'}")
-
-
 def test_preempted_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_dir):
     epochs, per_epoch = 6, steps_per_epoch(2)
     total = epochs * per_epoch
@@ -255,7 +244,7 @@ def test_preempted_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_d
 
     # Signal only a job that is RUNNING and training (a signal to a pending job is lost), as Slurm
     # does for `--signal=B:USR1@120`: to the batch script alone, which must pass it on.
-    wait_for_line(log, rf"^epoch 1 step 8/{total} ")
+    Lines(log).wait_for(rf"^epoch 1 step 8/{total} ", timeout=120)
     assert slurm.job(job)["JobState"] == "RUNNING"
     slurm.slurm("scancel", "--signal=USR1", "--batch", job)
 
@@ -289,7 +278,7 @@ def test_preemption_after_the_last_allowed_restart_saves_but_does_not_requeue(sl
     job = slurm.sbatch(TRAIN, tiny(data_dir, "--epochs", str(epochs)), cwd=tmp_path, NPROC_PER_NODE=2,
                        MAX_RESTARTS=0)
     log = tmp_path / f"slurm-{job}.out"
-    wait_for_line(log, rf"^epoch 1 step 8/{total} ")
+    Lines(log).wait_for(rf"^epoch 1 step 8/{total} ", timeout=120)
     slurm.slurm("scancel", "--signal=USR1", "--batch", job)
     info = slurm.wait_until_finished(job, log)
 
@@ -321,8 +310,9 @@ def test_killed_workers_restart_both_nodes_and_the_job_finishes(slurm, tmp_path,
     log, run_dir = tmp_path / f"slurm-{job}.out", tmp_path / "runs" / f"slurm-{job}"
     # each kill comes after a committed checkpoint (steps 5, 20): the save of a step ends before the next
     # step's line (a kill on seeing step 20's own line can land during its save; resuming from 16 is then right)
+    output = Lines(log)
     for node, after in ((1, r"^epoch 1 step 6/32 "), (0, r"^epoch 2 step 2[1-4]/32 ")):
-        wait_for_line(log, after)
+        output.wait_for(after, timeout=120)
         workers = job_workers(job, node=node)
         assert len(workers) == 1, workers
         os.kill(workers[0], signal.SIGKILL)
