@@ -8,7 +8,8 @@ from dist_alexnet.health import StragglerWatch
 from tests.helpers import assert_clean_failure, cpu_env, metrics, run, scalars, tiny_args, train_tiny
 
 
-@pytest.mark.parametrize("parallelism", ["ddp", pytest.param("hybrid", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "hybrid"])
 def test_a_rank_whose_weights_drift_stops_the_job_at_the_next_check(tmp_path, data_dir, parallelism):
     args = tiny_args(data_dir, tmp_path / "run", "--max-steps", "12", "--consistency-every", "4", "--parallelism",
                      parallelism)
@@ -18,6 +19,7 @@ def test_a_rank_whose_weights_drift_stops_the_job_at_the_next_check(tmp_path, da
     assert "step 4" not in message  # the check at step 4 passed: every rank had the same weights then
 
 
+@pytest.mark.slow
 def test_identical_replicas_pass_every_check_and_a_slow_rank_is_named(tmp_path, data_dir):
     result = train_tiny(tmp_path / "run", data_dir, "--max-steps", "16", "--consistency-every", "1",
                         "--log-every", "2", processes=2, env=cpu_env(DIST_ALEXNET_SLOW_RANK="1:0.05"))

@@ -81,6 +81,7 @@ def test_smoothing_is_a_bias_corrected_moving_average():
     assert smooth([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])
 
 
+@pytest.mark.slow
 def test_lr_find_on_two_processes_shares_one_global_batch(tmp_path, data_dir):
     out = tmp_path / "lr2"
     lr_find_tiny(data_dir, out, "--num-steps", "20", processes=2)

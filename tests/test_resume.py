@@ -76,7 +76,8 @@ PREEMPTION_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", PREEMPTION_CASES)
+@pytest.mark.parametrize("case", [case if case == "epoch_end" else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in PREEMPTION_CASES])
 def test_a_preemption_at_a_boundary_step_resumes_as_if_uninterrupted(tmp_path, data_dir, case):
     extra, step, saved = PREEMPTION_CASES[case]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
