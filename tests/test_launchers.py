@@ -25,7 +25,7 @@ def check_one_job(run_dir, data_dir, reference):
     m = metrics(run_dir)
     assert m["world_size"] == 2 and m["distributed_type"] == "MULTI_CPU"
     assert m["steps"] == 3 and m["test_samples"] == TEST_SAMPLES
-    assert m["test_correct"] == single_process_correct(run_dir / "checkpoints" / "step_000003", data_dir)
+    assert m["test_correct"] in single_process_correct(run_dir / "checkpoints" / "step_000003", data_dir)
     # the same DDP job as the standard launch: same ranks, same data shards, same all-reduced gradients
     assert m["param_checksums"] == reference["param_checksums"]
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer

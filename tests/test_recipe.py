@@ -17,8 +17,8 @@ from dist_alexnet.config import ConfigError, TrainConfig
 from dist_alexnet.datasets import SAMPLE_DIR, SAMPLE_FILES, load_sample, read_idx
 from dist_alexnet.optimization import LRSchedule
 from dist_alexnet.schedule import BatchPlan
-from tests.helpers import (REPO, assert_same_optimization, metrics, run, scalars, steps_per_epoch, tiny_config,
-                           train_tiny)
+from tests.helpers import (REPO, assert_same_step, checkpoint_at, cpu_env, metrics, one_step_from, run,
+                           samples_per_step, scalars, steps_per_epoch, tiny_config, train_tiny)
 
 SHARED_SAMPLE = REPO.parent / "shared" / "fashion-mnist-sample"
 PUBLISHED_SHA256 = {  # as Fashion-MNIST's sample README gives them
@@ -145,38 +145,64 @@ def test_the_global_batch_must_divide_by_processes_and_accumulation():
 
 # ----------------------------------------------------------------------------- the same optimization on 1 or 2
 
+# Two ways of making the same steps: the same samples in every step, exactly (the sample log), and the same step from
+# the same state to float32 rounding (assert_same_step: compared one step at a time, as rounding compounds).
+
+def train_logging_samples(run_dir, data_dir, *args, processes):
+    """A run and the samples of each of its steps."""
+    log_dir = run_dir.with_name(f"{run_dir.name}-samples")
+    result = train_tiny(run_dir, data_dir, *args, processes=processes, env=cpu_env(DIST_ALEXNET_SAMPLE_LOG=log_dir))
+    return samples_per_step(log_dir), result.stdout
+
+
 @pytest.mark.slow
 def test_global_batch_size_gives_the_same_run_on_one_and_two_processes(tmp_path, data_dir):
-    args = ["--global-batch-size", "32", "--dropout", "0", "--epochs", "1", "--log-every", "1", "--max-steps", "12"]
+    args = ["--global-batch-size", "32", "--dropout", "0", "--epochs", "1", "--log-every", "1", "--max-steps", "3",
+            "--checkpoint-every", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
-    train_tiny(one, data_dir, *args)
-    result = train_tiny(two, data_dir, *args, processes=2)
-    assert "global batch 32" in result.stdout and "not scaled" not in result.stdout
-    assert_same_optimization(one, two, steps=12)
+    samples, _ = train_logging_samples(one, data_dir, *args, processes=1)
+    samples_of_two, out = train_logging_samples(two, data_dir, *args, processes=2)
+    assert "global batch 32" in out and "not scaled" not in out
+    assert samples_of_two == samples and [len(indices) for indices in samples.values()] == [32] * 3
+    assert_same_step(checkpoint_at(one, 1), checkpoint_at(two, 1))
 
 
 @pytest.mark.slow
 def test_gradient_accumulation_under_ddp_equals_the_bigger_batch(tmp_path, data_dir):
     """2 processes x 2 micro-batches of 8 = 2 processes x 16, step for step."""
-    common = ["--dropout", "0", "--epochs", "1", "--log-every", "1", "--max-steps", "10"]
+    common = ["--dropout", "0", "--epochs", "1", "--log-every", "1", "--max-steps", "3"]
     accumulated, plain = tmp_path / "accumulated", tmp_path / "plain"
-    train_tiny(accumulated, data_dir, *common, "--batch-size", "8", "--grad-accum", "2", processes=2)
-    train_tiny(plain, data_dir, *common, "--batch-size", "16", processes=2)
-    assert_same_optimization(accumulated, plain, steps=10)
+    samples, _ = train_logging_samples(accumulated, data_dir, *common, "--batch-size", "8", "--grad-accum", "2",
+                                       processes=2)
+    assert samples == train_logging_samples(plain, data_dir, *common, "--batch-size", "16", processes=2)[0]
+    assert [len(indices) for indices in samples.values()] == [32] * 3
+    accumulated_step, _ = one_step_from(checkpoint_at(plain, 3), tmp_path / "accumulated_step", data_dir, *common,
+                                        "--batch-size", "8", "--grad-accum", "2", processes=2)
+    plain_step, _ = one_step_from(checkpoint_at(plain, 3), tmp_path / "plain_step", data_dir, *common,
+                                  "--batch-size", "16", processes=2)
+    assert_same_step(accumulated_step, plain_step, before=checkpoint_at(plain, 3))
 
 
 @pytest.mark.slow
 def test_the_epochs_last_shorter_accumulation_group_is_left_out(tmp_path, data_dir):
     """1024 samples in steps of 2 x 8 x 3 = 48: 21 whole steps, the last 16 samples left out, as a batch of
     2 x 24 leaves them out; so every step averages 48 samples, the last one too, and the next epoch's groups
-    start afresh. (Compared into the second epoch only: float differences of 1e-7 grow step by step.)"""
+    start afresh. The epoch's last step taken from the same state both ways is the same step."""
     common = ["--dropout", "0", "--epochs", "2", "--log-every", "1", "--max-steps", "24"]
     accumulated, plain = tmp_path / "accumulated", tmp_path / "plain"
-    train_tiny(accumulated, data_dir, *common, "--batch-size", "8", "--grad-accum", "3", processes=2)
-    train_tiny(plain, data_dir, *common, "--batch-size", "24", processes=2)
-    assert_same_optimization(accumulated, plain, steps=24)
+    samples, _ = train_logging_samples(accumulated, data_dir, *common, "--batch-size", "8", "--grad-accum", "3",
+                                       processes=2)
+    assert samples == train_logging_samples(plain, data_dir, *common, "--batch-size", "24", "--checkpoint-every",
+                                            "20", processes=2)[0]
+    assert [key for key in samples] == [(0, step) for step in range(1, 22)] + [(1, step) for step in (22, 23, 24)]
+    assert all(len(indices) == 48 for indices in samples.values())
     state = json.loads((list_checkpoints(accumulated)[0] / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["position"]) == (21, 1, 0)
+    accumulated_step, _ = one_step_from(checkpoint_at(plain, 20), tmp_path / "accumulated_step", data_dir, *common,
+                                        "--batch-size", "8", "--grad-accum", "3", processes=2)
+    plain_step, _ = one_step_from(checkpoint_at(plain, 20), tmp_path / "plain_step", data_dir, *common,
+                                  "--batch-size", "24", processes=2)
+    assert_same_step(accumulated_step, plain_step, before=checkpoint_at(plain, 20))
 
 
 # ----------------------------------------------------------------------------- the weight average
