@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from dist_alexnet.distributed import raise_if_any_rank_failed
 from dist_alexnet.errors import DataError
@@ -149,10 +150,6 @@ def load_split(root: Path, train: bool, download: bool) -> Split:
             raise DataError(f"Fashion-MNIST not found: {raw_dir} lacks {', '.join(missing)}. Put the four "
                             f"*-ubyte files there, drop --no-download to fetch them, or use {OFFLINE_HINT} "
                             f"to train offline")
-        # Imported here, not at the top: torchvision's import takes about 1.3 s (most of it torch._dynamo, which
-        # torchvision.ops loads), paid by every process of every launch and restart that never downloads.
-        import torchvision
-
         try:
             torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError on network trouble

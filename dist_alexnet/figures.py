@@ -11,6 +11,8 @@ from io import BytesIO
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from dist_alexnet.datasets import CLASS_NAMES
 
@@ -20,18 +22,11 @@ CHANCE_ACC = 1 / len(CLASS_NAMES)
 Series = list[tuple[int, float]]  # (step, value) pairs
 
 
-# matplotlib is imported where a figure is made, not at the top: the trainer imports this module for its
-# constants, and matplotlib's import (about 0.4 s) would delay every process of a run that draws nothing.
-
 def new_figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def to_png(figure) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     buffer = BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return buffer.getvalue()
@@ -39,8 +34,6 @@ def to_png(figure) -> bytes:
 
 def to_rgb(figure):
     """The figure as an [H, W, 3] uint8 numpy array."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torchvision import transforms
 
 from dist_alexnet.datasets import MEAN, STD, Split
 from dist_alexnet.device import use_cuda
@@ -101,8 +102,6 @@ class PILImages(Dataset):
     """The tutorial's pipeline: one PIL image at a time through Resize + ToTensor (+ Normalize)."""
 
     def __init__(self, split: Split, image_size: int):
-        from torchvision import transforms  # only this pipeline needs it: see load_split on its import time
-
         self.split = split
         self.transform = transforms.Compose([
             transforms.Resize(image_size), transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,)),

@@ -24,13 +24,13 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
 import yaml
 from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.plugins.text.summary_v2 import text_pb
+from torchvision.utils import make_grid
 
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
@@ -280,18 +280,6 @@ def make_monitor(accelerator, cfg, effective: dict, start_step: int, run_dir: Pa
     return NullMonitor()
 
 
-def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> torch.Tensor:
-    """[N, C, H, W] images in [0, 1] -> one [C, H', W'] picture, `columns` to a row on a white background (the
-    layout of torchvision.utils.make_grid, whose import would cost every process about 1.3 s)."""
-    n, channels, height, width = images.shape
-    rows = math.ceil(n / columns)
-    grid = images.new_ones(channels, rows * (height + padding) + padding, columns * (width + padding) + padding)
-    for i, image in enumerate(images):
-        top, left = (padding + (height + padding) * (i // columns), padding + (width + padding) * (i % columns))
-        grid[:, top:top + height, left:left + width] = image
-    return grid
-
-
 class NullMonitor:
     """Ranks other than 0: the same hooks, doing nothing."""
 
@@ -399,7 +387,7 @@ class Monitor:
         self.wrote_inputs = True
         inputs, _ = training_input(batch, self.cfg, epoch)
         images = (inputs[:32].detach().float().cpu() * STD + MEAN).clamp(0, 1)
-        self.writer.add_image("inputs/train_batch", image_grid(images, columns=8), step)
+        self.writer.add_image("inputs/train_batch", make_grid(images, nrow=8, pad_value=1.0), step)
 
     def log_train(self, step: int, epoch: int, values: dict) -> None:
         """At a log point: StepStats.collect()'s global values plus the loop's train/lr and train/grad_norm;

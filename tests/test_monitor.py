@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
@@ -238,12 +237,3 @@ def test_readme_explains_every_tag():
     readme = (REPO / "README.md").read_text()
     missing = [tag for tag in TAGS if f"`{tag}`" not in readme]
     assert not missing, f"README.md does not describe: {missing}"
-
-
-def test_the_input_grid_is_torchvisions_layout():
-    from torchvision.utils import make_grid
-
-    from dist_alexnet.monitor import image_grid
-
-    for images in (torch.rand(32, 1, 64, 64), torch.rand(13, 1, 20, 30)):  # full rows, and a last row part-filled
-        assert torch.equal(image_grid(images, columns=8), make_grid(images, nrow=8, pad_value=1.0)[:1])
