@@ -67,7 +67,8 @@ test: $(STAMP) system-deps
 
 # A few minutes: the unit tests and the end-to-end runs that catch most breakage (one process, two processes
 # under accelerate launch, exact resume, evaluate/predict, monitoring, bad input). Leaves out the tests marked
-# slow: real Slurm, the other launchers, signals, kill -9, full disks, the 2-process health checks, the GPU check script.
+# slow: real Slurm, the other launchers, signals, kill -9, full disks, the 2-process health checks and benchmark,
+# the GPU check script.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -108,6 +108,7 @@ def test_report_of_a_run_whose_config_yaml_is_a_directory_takes_the_config_from_
 
 # ----------------------------------------------------------------------------- the profiler
 
+@pytest.mark.slow
 def test_a_profile_cut_short_by_a_preemption_closes_cleanly(tmp_path, data_dir):
     """Where the end is not known up front (a stop signal inside the window): the profile is closed and written,
     and the process exits 0 instead of dying of SIGSEGV."""
@@ -236,6 +237,7 @@ def test_an_unreachable_mlflow_server_is_one_line_naming_it_within_the_timeout(t
     assert took < 30, took  # MLflow's own retries took 4.5 minutes
 
 
+@pytest.mark.slow
 def test_a_preemption_signal_while_the_trackers_start_stops_the_run(tmp_path, data_dir):
     with SilentServer() as server:
         proc = start(tiny_args(data_dir, tmp_path / "run", "--max-steps", "4", "--report-to", "mlflow"),

@@ -59,9 +59,9 @@ def test_hybrid_resumes_exactly_and_checkpoints_move_between_ddp_and_hybrid(tmp_
     the step the checkpoint's own layout takes from it (to float32 rounding: the sums are taken in another order),
     with the schedule's learning rate and Adam's moments and step count carried over."""
     recipe = [*RECIPE, "--global-batch-size", "32", "--dropout", "0"]
-    stop = 39  # in the second epoch (32 steps each)
+    stop, end = 39, ["--max-steps", "42"]  # in the second epoch (32 steps each)
     hybrid, hybrid_whole = ["--parallelism", "hybrid"], tmp_path / "hybrid_whole"
-    train_tiny(hybrid_whole, data_dir, *recipe, *hybrid, processes=2)
+    train_tiny(hybrid_whole, data_dir, *recipe, *hybrid, *end, processes=2)
     cut = tmp_path / "hybrid_cut"
     train_tiny(cut, data_dir, *recipe, *hybrid, "--max-steps", str(stop), processes=2)
     hybrid_checkpoint = shutil.copytree(checkpoint_at(cut, stop), tmp_path / "hybrid_checkpoint" / f"step_0000{stop}")
@@ -69,7 +69,7 @@ def test_hybrid_resumes_exactly_and_checkpoints_move_between_ddp_and_hybrid(tmp_
     hybrid_step = shutil.copytree(checkpoint_at(cut, stop + 1), tmp_path / "hybrid_step" / "checkpoints" /
                                   f"step_0000{stop + 1}")
     shutil.copytree(cut / "tensorboard", tmp_path / "hybrid_step" / "tensorboard")
-    train_tiny(cut, data_dir, *recipe, *hybrid, processes=2)
+    train_tiny(cut, data_dir, *recipe, *hybrid, *end, processes=2)
     assert scalars(cut, "train/loss") == scalars(hybrid_whole, "train/loss")
     assert max_difference(final_weights(cut), final_weights(hybrid_whole)) == 0.0
     assert max_difference(final_weights(cut, "ema"), final_weights(hybrid_whole, "ema")) == 0.0

@@ -91,6 +91,7 @@ VARIANT_FIELDS = {"processes", "parallelism", "tensor_parallel_size", "ddp_comm_
                   "model_buckets"}
 
 
+@pytest.mark.slow
 def test_the_two_process_benchmark_writes_every_field(two_process_benchmark):
     result, stdout, _ = two_process_benchmark
     assert result["processes"] == 2 and result["threads_per_process"] >= 1 and result["scaling"] == "weak"
@@ -130,6 +131,7 @@ def test_strong_scaling_splits_one_global_batch(tmp_path):
     assert v["bytes_sent_per_step"]["total"] == pytest.approx(v["model"]["bytes_sent_per_step"])
 
 
+@pytest.mark.slow
 def test_ddps_buckets_are_the_models_buckets(two_process_benchmark):
     result, _, _ = two_process_benchmark
     sizes = dict(parameter_sizes(AlexNet(width=0.125)))
@@ -139,6 +141,7 @@ def test_ddps_buckets_are_the_models_buckets(two_process_benchmark):
         assert [b["numel"] for b in v["buckets"]] == [sum(sizes[n] for n in names) for names in v["model_buckets"]]
 
 
+@pytest.mark.slow
 def test_the_scaling_model_prints_the_gpu_table(two_process_benchmark, tmp_path):
     assumed = run(["--json", str(tmp_path / "table.json")], subcommand="scaling-model")
     assert "assumed H200 step" in assumed.stdout and "efficiency under 90% from" in assumed.stdout
