@@ -92,6 +92,10 @@ def test_combinations_hybrid_cannot_do_are_refused_with_the_reason(tmp_path, dat
     assert one.returncode == 2 and "this run has one" in one.stderr and "Traceback" not in one.stderr
     ddp = run(tiny_args(data_dir, tmp_path / "ddp", "--tensor-parallel-size", "2"), check=False)
     assert ddp.returncode == 2 and "--tensor-parallel-size is for --parallelism hybrid" in ddp.stderr
+
+
+@pytest.mark.slow
+def test_a_classifier_that_does_not_split_evenly_is_refused_on_every_rank(tmp_path, data_dir):
     uneven = run(tiny_args(data_dir, tmp_path / "uneven", "--parallelism", "hybrid", "--model-width", "0.05"),
                  processes=2, check=False)
     assert "hidden width of 205" in assert_clean_failure(uneven, processes=2)
