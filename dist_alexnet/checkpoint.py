@@ -49,6 +49,11 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where a run's checkpoint of `step` is (or would be) committed: checkpoints/step_NNNNNN."""
+    return RunDir(run_dir).checkpoints / f"step_{step:06d}"
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     """The step a checkpoint directory (step_NNNNNN) is named for."""
     return int(CHECKPOINT_NAME.match(checkpoint.name).group(1))
@@ -98,8 +103,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, contents: dict[str, o
     """Write step_NNNNNN atomically (rank 0 only), then apply retention, which never deletes this checkpoint
     nor `protect` (the one the run resumed from). `contents` maps the keys of CHECKPOINT_FILES to what goes in
     their files (the required ones, and the optional ones the run has)."""
-    folder = RunDir(run_dir).checkpoints
-    final = folder / f"step_{step:06d}"
+    final = checkpoint_dir(run_dir, step)
+    folder = final.parent
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)

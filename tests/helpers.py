@@ -449,7 +449,9 @@ ADAM_STEP_OPERATIONS = 4
 
 
 def checkpoint_at(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    from dist_alexnet.checkpoint import checkpoint_dir
+
+    return checkpoint_dir(run_dir, step)
 
 
 def one_step_from(checkpoint: Path, run_dir: Path, data_dir: Path, *extra: str, processes: int = 1):
@@ -529,6 +531,7 @@ def assert_same_step(a: Path, b: Path, before: Path | None = None) -> None:
         assert ((w_a - w_b).abs() <= rounding_a + rounding_b).all(), (name, "weight in", (w_a - w_b).abs().max())
         if weight_in is not None:
             assert ((w_a - weight_in).abs() <= rounding_a).all(), (name, "weight in", (w_a - weight_in).abs().max())
+
 
 def samples_per_step(log_dir: Path) -> dict[tuple[int, int], list[int]]:
     """(epoch, step) -> the sorted indices of the training samples that made that step, over every rank, from

@@ -64,11 +64,9 @@ def test_hybrid_resumes_exactly_and_checkpoints_move_between_ddp_and_hybrid(tmp_
     train_tiny(hybrid_whole, data_dir, *recipe, *hybrid, *end, processes=2)
     cut = tmp_path / "hybrid_cut"
     train_tiny(cut, data_dir, *recipe, *hybrid, "--max-steps", str(stop), processes=2)
-    hybrid_checkpoint = shutil.copytree(checkpoint_at(cut, stop), tmp_path / "hybrid_checkpoint" / f"step_0000{stop}")
+    hybrid_checkpoint = shutil.copytree(checkpoint_at(cut, stop), checkpoint_at(tmp_path / "hybrid_at_stop", stop))
     train_tiny(cut, data_dir, *recipe, *hybrid, "--max-steps", str(stop + 1), processes=2)  # cut twice
-    hybrid_step = shutil.copytree(checkpoint_at(cut, stop + 1), tmp_path / "hybrid_step" / "checkpoints" /
-                                  f"step_0000{stop + 1}")
-    shutil.copytree(cut / "tensorboard", tmp_path / "hybrid_step" / "tensorboard")
+    hybrid_step = checkpoint_at(shutil.copytree(cut, tmp_path / "hybrid_step"), stop + 1)
     train_tiny(cut, data_dir, *recipe, *hybrid, *end, processes=2)
     assert scalars(cut, "train/loss") == scalars(hybrid_whole, "train/loss")
     assert max_difference(final_weights(cut), final_weights(hybrid_whole)) == 0.0

@@ -16,8 +16,8 @@ import torch
 from dist_alexnet.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dist_alexnet.preemption import requeue_command
 from tests.helpers import (RECIPE, TRAIN_SAMPLES, Lines, cpu_env, fake_scontrol, final_weights, max_difference, metrics,
-                           per_step_losses, run, scalars, start, steps_per_epoch, tiny_args, train_tiny, truncate,
-                           worker_pids)
+                           per_step_losses, run, samples_per_step, scalars, start, steps_per_epoch, tiny_args,
+                           train_tiny, truncate, worker_pids)
 
 
 def resume_with(run_dir, data_dir, processes, edit=None):
@@ -102,13 +102,7 @@ def test_a_preemption_at_a_boundary_step_resumes_as_if_uninterrupted(tmp_path, d
 
 
 def samples_seen(log_dir: Path, epoch: int) -> list[int]:
-    seen = []
-    for file in log_dir.glob("*.txt"):
-        for line in file.read_text().splitlines():
-            e, _, index = map(int, line.split())
-            if e == epoch:
-                seen.append(index)
-    return seen
+    return [index for (e, _), indices in samples_per_step(log_dir).items() if e == epoch for index in indices]
 
 
 @pytest.mark.slow
