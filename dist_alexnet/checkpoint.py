@@ -202,12 +202,11 @@ class Expected:
     optimizer_groups: list[list[tuple]]
 
     @classmethod
-    def of(cls, signature: dict, model, optimizer, full_shape=lambda name, shape: tuple(shape)) -> Expected:
-        """`full_shape(name, shape)`: a tensor's shape in the checkpoint, from its (under --parallelism hybrid:
-        its shard's) shape in `model`."""
-        names = {id(p): name for name, p in model.named_parameters()}
-        return cls(signature, {name: full_shape(name, t.shape) for name, t in model.state_dict().items()},
-                   [[full_shape(names.get(id(p)), p.shape) for p in group["params"]] for group in optimizer.param_groups])
+    def of(cls, signature: dict, model) -> Expected:
+        """What `model`'s checkpoint holds: its tensors' full shapes (a DTensor's shape is the whole tensor's) and
+        one optimizer group over its parameters in order (the layout save writes whatever the parallelism)."""
+        return cls(signature, {name: tuple(t.shape) for name, t in model.state_dict().items()},
+                   [[tuple(p.shape) for p in model.parameters()]])
 
 
 def load_checkpoint(checkpoint: Path, expected: Expected | None = None) -> dict:

@@ -28,7 +28,7 @@ def check_replicas_agree(accelerator, parallel, model, step: int) -> None:
     """Every rank calls it: the replicated parameters' checksums gathered to every rank and compared with rank 0's;
     a difference stops every rank with one line naming the first rank and tensor that differ."""
     model = accelerator.unwrap_model(model)
-    named = [(name, p) for name, p in model.named_parameters() if name not in parallel.sharded]
+    named = [(name, p) for name, p in model.named_parameters() if name not in parallel.planned]
     local = parameter_checksums([p for _, p in named])
     rows = accelerator.gather(local.unsqueeze(0)).view(accelerator.num_processes, -1)
     different = (rows != rows[0]).view(accelerator.num_processes, len(named), 2).any(-1)  # [rank, tensor]

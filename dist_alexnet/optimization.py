@@ -13,17 +13,23 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # the list torch's optimizers check
 
 from dist_alexnet.config import ConfigError
+from dist_alexnet.parallel import local
 
 
 def make_optimizer(cfg, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     """--optimizer over all of the model's parameters, starting at `lr` (the schedule sets it every step), in the
-    implementation optimizer_implementation() picks for their device."""
+    implementation optimizer_implementation() picks for their device. A tensor-parallel plan's DTensors get a
+    parameter group of their own: a fused kernel takes DTensors or plain tensors, not both."""
     params = list(model.parameters())
+    planned = [p for p in params if isinstance(p, DTensor)]
+    if planned:
+        params = [{"params": [p for p in params if not isinstance(p, DTensor)]}, {"params": planned}]
     options = {"lr": lr, "weight_decay": cfg.weight_decay,
-               optimizer_implementation(cfg, params[0].device): True}
+               optimizer_implementation(cfg, planned[0].device if planned else params[0].device): True}
     if cfg.optimizer == "sgd":
         momentum = 0.9 if cfg.momentum is None else cfg.momentum
         return torch.optim.SGD(params, momentum=momentum, nesterov=cfg.nesterov, **options)
@@ -89,7 +95,8 @@ class WeightEMA:
 
     def __init__(self, model: torch.nn.Module, average: torch.nn.Module, decay: float):
         """`average`: a model of `model`'s architecture; it starts at `model`'s weights."""
-        self.weights = list(model.parameters())  # the same tensors after DDP wraps the model or a resume loads it
+        # the same tensors after DDP wraps the model or a resume loads it (a DTensor's part on this rank)
+        self.weights = [local(p) for p in model.parameters()]
         self.average = average.eval().requires_grad_(False)
         self.decay = decay
         self.restart()
@@ -97,8 +104,8 @@ class WeightEMA:
     @torch.no_grad()
     def restart(self) -> None:
         """Start the average again at the weights as they are now."""
-        torch._foreach_copy_(list(self.average.parameters()), self.weights)
+        torch._foreach_copy_([local(p) for p in self.average.parameters()], self.weights)
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(list(self.average.parameters()), self.weights, 1 - self.decay)
+        torch._foreach_lerp_([local(p) for p in self.average.parameters()], self.weights, 1 - self.decay)

@@ -3,7 +3,8 @@
 ddp: every rank holds the whole model; Accelerate's DDP all-reduces every gradient (233 MB of fp32 for AlexNet)
 during backward.
 
-hybrid: Krizhevsky's "one weird trick" (arXiv:1404.5997), written for this network. The convolutions (6% of the
+hybrid: Krizhevsky's "one weird trick" (arXiv:1404.5997), as a plan for torch's tensor parallelism
+(torch.distributed.tensor.parallel, the building block torchtitan's parallelize.py uses). The convolutions (6% of the
 weights, most of the compute) stay data-parallel over all ranks under Accelerate's DDP. The classifier (94% of
 the weights, little compute) is split over a tensor-parallel group of --tensor-parallel-size ranks, by default
 the processes of one node:
@@ -11,18 +12,18 @@ the processes of one node:
     features of my B examples      all-gather in the group  ->  [T x B, 9216], every rank the group's batch
     fc1, column-parallel           my 4096/T output units for all T x B examples; ReLU, dropout
     fc2, row-parallel              partial sums over my 4096/T inputs  ->  reduce-scatter: my B examples' [B, 4096]
-    + fc2's bias, ReLU, dropout, fc3: replicated, data-parallel like the convolutions
+    + fc2's bias (whole on every rank of the group), ReLU, dropout, fc3 (data-parallel like the convolutions)
 
 Backward runs the same collectives the other way (the gradient of an all-gather is a reduce-scatter). Each
 step moves about 2 x T x B x (9216 + 4096) activations instead of the classifier's 54.6M gradients, and each
 rank keeps 1/T of the classifier's weights, gradients and Adam state. Across the world / T groups (nodes) only
-the shards' gradients are all-reduced, among the ranks that hold the same shard; that all-reduce starts as soon
+the plan's gradients are all-reduced, among the ranks that hold the same shard; that all-reduce starts as soon
 as backward has finished the classifier and runs behind the convolutions' backward.
 
 Every (example, unit) of the first dropout is drawn once, by the rank that owns the unit, and each example's
 second dropout by the rank that owns the example, each rank from its own stream (seeded per rank). Checkpoints
-hold the full, unsharded model and optimizer state in the ddp layout (full_state_dict gathers the shards), so a
-checkpoint moves between ddp and hybrid and between world sizes.
+hold the full, unsharded model and optimizer state in the ddp layout (torch.distributed.checkpoint's state_dict
+API gathers and splits the shards), so a checkpoint moves between ddp and hybrid and between world sizes.
 """
 
 from __future__ import annotations
@@ -33,17 +34,27 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import channel_widths
 
-# The classifier's split parameters and the dimension each is split along (AlexNet.classifier's layout:
-# 0 Flatten, 1 fc1, 2 ReLU, 3 Dropout, 4 fc2, 5 ReLU, 6 Dropout, 7 fc3).
+# The tensor-parallel plan of AlexNet.classifier (0 Flatten, 1 fc1, 2 ReLU, 3 Dropout, 4 fc2, 5 ReLU, 6 Dropout,
+# 7 fc3): fc1 takes the batch split over the group (Shard(0)), all-gathers it and computes its share of the output
+# units; fc2 takes its share of the input units and reduce-scatters the partial sums back to each rank's examples.
+# Both hand plain local tensors to the ReLUs and dropouts, so each rank draws its own dropout masks.
+TENSOR_PARALLEL_PLAN = {"1": ColwiseParallel(input_layouts=Shard(0)), "4": RowwiseParallel(output_layouts=Shard(0))}
+# The parameters the plan splits and the dimension of each (fc2's bias stays whole on every rank).
 SHARDED = {"classifier.1.weight": 0, "classifier.1.bias": 0, "classifier.4.weight": 1}
+# The plan's parameters (DTensors), whose gradients it sums over the group; DDP leaves them to after_backward.
+PLANNED = (*SHARDED, "classifier.4.bias")
+FULL_STATE = StateDictOptions(full_state_dict=True)  # every rank gets the whole, unsharded tensors
 
 
 def make_parallelism(cfg, accelerator) -> DataParallel | HybridParallel:
@@ -82,7 +93,7 @@ class DataParallel:
     """--parallelism ddp: the whole model on every rank; Accelerate's DDP does everything."""
     name = "ddp"
     tensor_parallel_size = 1
-    sharded: tuple[str, ...] = ()  # the parameters each rank holds a part of
+    planned: tuple[str, ...] = ()  # the parameters a tensor-parallel plan owns (DTensors), outside DDP
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
@@ -115,9 +126,6 @@ class DataParallel:
     def load_full_optimizer_state(self, optimizer, model, state: dict) -> None:
         optimizer.load_state_dict(state)
 
-    def full_shape(self, name: str, shape: tuple) -> tuple:
-        return tuple(shape)
-
     def replicated_parameters(self, model) -> list[torch.Tensor]:
         """The parameters every rank holds the same copy of."""
         return list(model.parameters())
@@ -132,7 +140,6 @@ class HybridParallel(DataParallel):
     """--parallelism hybrid: data-parallel convolutions, the classifier tensor-parallel over groups of
     tensor_parallel_size ranks (consecutive ranks: the processes of a node) and data-parallel across groups."""
     name = "hybrid"
-    sharded = tuple(SHARDED)
 
     def __init__(self, accelerator, tensor_parallel_size: int):
         super().__init__(accelerator)
@@ -145,48 +152,85 @@ class HybridParallel(DataParallel):
                                      mesh_dim_names=("dp", "tp"))
         self.tp_group, self.dp_group = self.mesh.get_group("tp"), self.mesh.get_group("dp")
         self.tp_rank = self.mesh.get_local_rank("tp")
-        self.pending: list = []  # the shards' gradient all-reduces in flight
-        self.eval_sizes: list[int] = []  # an evaluation batch's size on each rank: gather_batch -> scatter_batch_sum
-        self.shard_grads: list[torch.Tensor] = []
+        self.pending: list = []  # the plan's gradient all-reduces across groups in flight
+        self.planned_grads: list[torch.Tensor] = []
 
     def split(self, model: nn.Module) -> nn.Module:
-        """Replace the full classifier of `model` (the same initial weights on every rank) by this rank's shard,
-        and keep DDP's hands off the shards: their gradients are summed over the tensor-parallel group by the
-        collectives' backward, and over the data-parallel group by after_backward."""
-        model.classifier = TensorParallelClassifier(model.classifier, self)
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(SHARDED))
-        for name in SHARDED:
-            model.get_parameter(name).register_post_accumulate_grad_hook(self._start_shard_allreduce)
+        """Apply the tensor-parallel plan to `model`'s classifier (the same initial weights on every rank: each
+        keeps its shards), and keep DDP's hands off the plan's parameters (DTensors): their gradients are summed
+        over the tensor-parallel group by the plan's collectives, and over the data-parallel group by
+        after_backward."""
+        classifier = model.classifier
+        # the plan hands the ReLUs a view of its collective's output, which autograd forbids changing in place
+        classifier[2].inplace = classifier[5].inplace = False
+        parallelize_module(classifier, self.mesh["tp"], TENSOR_PARALLEL_PLAN)
+        classifier.register_forward_pre_hook(self._before_classifier)
+        classifier.register_forward_hook(self._after_classifier)
+        planned = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+        self.planned = tuple(planned)
+        # (no public way to tell DDP which parameters another mechanism synchronises)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, planned)
+        for name in planned:
+            model.get_parameter(name).register_post_accumulate_grad_hook(self._start_allreduce_across_groups)
         return model
 
-    def _start_shard_allreduce(self, param: torch.Tensor) -> None:
-        """As soon as backward has a shard's gradient of an optimizer step (not a micro-batch inside a gradient-
-        accumulation group), start summing it over the ranks that hold the same shard; the convolutions'
-        backward runs meanwhile."""
+    def _before_classifier(self, module, args):
+        """Count the plan's traffic; in an evaluation (no gradients) pad this rank's batch to the group's largest:
+        the plan's all-gather takes the same number of rows from every rank, and the ranks' last evaluation
+        batches may differ."""
+        features, = args
+        rows = features.shape[0] * self.tensor_parallel_size
+        hidden = module[1].weight.shape[0]
+        gathered, scattered = rows * features[0].numel(), rows * hidden
+        if torch.is_grad_enabled():  # the backward's reduce-scatter and all-gather move as much again
+            gathered = scattered = gathered + scattered
+        self.traffic.add_bytes("all-gather", gathered * features.element_size(), self.tensor_parallel_size)
+        self.traffic.add_bytes("reduce-scatter", scattered * features.element_size(), self.tensor_parallel_size)
+        if torch.is_grad_enabled():
+            return None
+        size = torch.tensor([features.shape[0]], device=features.device)
+        sizes = size.new_empty(self.tensor_parallel_size)
+        dist.all_gather_into_tensor(sizes, size, group=self.tp_group)
+        self.eval_rows = features.shape[0]
+        padded = features.new_zeros((int(sizes.max()), *features.shape[1:]))
+        padded[:features.shape[0]] = features
+        return (padded,)
+
+    def _after_classifier(self, module, args, output):
+        return output if torch.is_grad_enabled() else output[:self.eval_rows]
+
+    def _start_allreduce_across_groups(self, param: torch.Tensor) -> None:
+        """As soon as backward has a planned parameter's gradient of an optimizer step (not a micro-batch inside a
+        gradient-accumulation group), start summing it over the ranks that hold the same shard; the
+        convolutions' backward runs meanwhile."""
         if not self.accelerator.sync_gradients:
             return
-        self.shard_grads.append(param.grad)
+        grad = local(param.grad)
+        self.planned_grads.append(grad)
         if self.data_parallel_size > 1:
-            self.traffic.add("all-reduce", param.grad, self.data_parallel_size)
-            self.pending.append(dist.all_reduce(param.grad, group=self.dp_group, async_op=True))
+            self.traffic.add("all-reduce", grad, self.data_parallel_size)
+            self.pending.append(dist.all_reduce(grad, group=self.dp_group, async_op=True))
 
     def after_backward(self, model) -> None:
-        """Wait for the shards' all-reduce and average like DDP: each shard's gradient is now the sum over all
-        ranks' losses, DDP's gradients the mean."""
+        """Wait for the all-reduce across groups and average like DDP: each planned gradient is now the sum over
+        all ranks' losses, DDP's gradients the mean."""
         started = time.perf_counter()
         for work in self.pending:
             work.wait()
         self.traffic.wait_seconds += time.perf_counter() - started
-        if self.shard_grads:
-            torch._foreach_mul_(self.shard_grads, 1 / self.world)
-        self.pending, self.shard_grads = [], []
+        if self.planned_grads:
+            torch._foreach_mul_(self.planned_grads, 1 / self.world)
+        self.pending, self.planned_grads = [], []
 
     def gradient_norm(self, model) -> torch.Tensor:
-        """The whole gradient's L2 norm: the replicated part's, plus the shards' squares summed over the group."""
+        """The whole gradient's L2 norm: the squares of the split gradients summed over the group, plus the
+        replicated ones' own."""
         self.accelerator.unscale_gradients()
-        shards = set(self._sharded(model))
-        replicated = [p.grad for p in model.parameters() if p.grad is not None and p not in shards]
-        split = [p.grad for p in shards if p.grad is not None]
+        split, replicated = [], []
+        for p in model.parameters():
+            if p.grad is not None:
+                is_split = isinstance(p, DTensor) and p.placements[0].is_shard()
+                (split if is_split else replicated).append(local(p.grad))
         squares = torch.nn.utils.get_total_norm(split).square() if split else torch.zeros((), device=self.device)
         dist.all_reduce(squares, group=self.tp_group)
         own = torch.nn.utils.get_total_norm(replicated).square() if replicated else 0
@@ -196,7 +240,7 @@ class HybridParallel(DataParallel):
         """torch.nn.utils.clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) when above) on the whole
         gradient's norm, the same on every rank."""
         norm = self.gradient_norm(model)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
 
@@ -204,88 +248,55 @@ class HybridParallel(DataParallel):
     def device(self):
         return self.accelerator.device
 
-    def _sharded(self, model) -> list[torch.Tensor]:
-        model = self.accelerator.unwrap_model(model)
-        return [model.get_parameter(name) for name in SHARDED]
-
-    # --- checkpoints: the full model, in the ddp layout
-
-    def _gather(self, shard: torch.Tensor, dim: int) -> torch.Tensor:
-        parts = [torch.empty_like(shard) for _ in range(self.tensor_parallel_size)]
-        dist.all_gather(parts, shard.contiguous(), group=self.tp_group)
-        return torch.cat(parts, dim)
-
-    def _own(self, full: torch.Tensor, dim: int) -> torch.Tensor:
-        return full.chunk(self.tensor_parallel_size, dim)[self.tp_rank].clone()
+    # --- checkpoints: the full model, in the ddp layout (torch's state_dict API gathers and splits the DTensors)
 
     def full_state_dict(self, model: nn.Module) -> dict:
         """Every rank calls it (the shards are gathered in each group): the unsharded state dict."""
-        state = self.accelerator.unwrap_model(model).state_dict()
-        return {name: self._gather(t.detach(), SHARDED[name]) if name in SHARDED else t for name, t in state.items()}
+        return get_model_state_dict(self.accelerator.unwrap_model(model), options=FULL_STATE)
 
     def load_full_state_dict(self, model: nn.Module, state: dict) -> None:
-        model = self.accelerator.unwrap_model(model)
-        model.load_state_dict({name: self._own(t, SHARDED[name]) if name in SHARDED else t
-                               for name, t in state.items()})
-
-    def _optimizer_shards(self, optimizer, model) -> dict[int, int]:
-        """optimizer.state_dict()'s parameter index of each shard -> its split dimension."""
-        index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
-        model = self.accelerator.unwrap_model(model)
-        return {index[id(model.get_parameter(name))]: dim for name, dim in SHARDED.items()}
+        set_model_state_dict(self.accelerator.unwrap_model(model), state, options=FULL_STATE)
 
     def full_optimizer_state(self, optimizer, model) -> dict:
-        state = optimizer.state_dict()
-        for i, dim in self._optimizer_shards(optimizer, model).items():
-            if i in state["state"]:
-                state["state"][i] = {key: self._gather(value, dim) if torch.is_tensor(value) and value.dim() else value
-                                     for key, value in state["state"][i].items()}
-        return state
+        """optimizer.state_dict()'s layout with one parameter group over the model's parameters in order, as ddp
+        saves it (in memory the plan's DTensors have a group of their own: fused kernels take one kind)."""
+        model = self.accelerator.unwrap_model(model)
+        by_name = get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=FULL_STATE)
+        names = [name for name, _ in model.named_parameters()]
+        group = {key: value for key, value in by_name["param_groups"][0].items() if key != "params"}
+        return {"state": {names.index(name): state for name, state in by_name["state"].items()},
+                "param_groups": [{**group, "params": list(range(len(names)))}]}
 
     def load_full_optimizer_state(self, optimizer, model, state: dict) -> None:
-        state = {**state, "state": dict(state["state"])}
-        for i, dim in self._optimizer_shards(optimizer, model).items():
-            if i in state["state"]:
-                state["state"][i] = {key: self._own(value, dim) if torch.is_tensor(value) and value.dim() else value
-                                     for key, value in state["state"][i].items()}
-        optimizer.load_state_dict(state)
-
-    def full_shape(self, name: str, shape: tuple) -> tuple:
-        shape = list(shape)
-        if name in SHARDED:
-            shape[SHARDED[name]] *= self.tensor_parallel_size
-        return tuple(shape)
+        model = self.accelerator.unwrap_model(model)
+        names = [name for name, _ in model.named_parameters()]
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        saved = {key: value for key, value in state["param_groups"][0].items() if key != "params"}
+        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+                   "param_groups": [{**saved, "params": [name_of[id(p)] for p in group["params"]]}
+                                    for group in optimizer.param_groups]}
+        set_optimizer_state_dict(model, _torch_optimizer(optimizer), by_name, options=FULL_STATE)
 
     def replicated_parameters(self, model) -> list[torch.Tensor]:
-        shards = set(self._sharded(model))
-        return [p for p in model.parameters() if p not in shards]
+        return [p for p in model.parameters() if not isinstance(p, DTensor)]
 
     def describe(self) -> str:
         return (f"hybrid (convolutions data-parallel over {self.world} ranks; the classifier split over "
                 f"{self.tensor_parallel_size} ranks, data-parallel over {self.data_parallel_size} group(s))")
 
 
-class TensorParallelClassifier(nn.Sequential):
-    """AlexNet's classifier with fc1 split by output units and fc2 by input units; the same children and
-    parameter names as the full one (state dict keys classifier.N.*), each shard 1/T of the full tensor."""
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's part on this rank (the same storage, outside autograd), any other tensor itself."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local()
 
-    def __init__(self, full: nn.Sequential, parallel: HybridParallel):
-        super().__init__(*full)
-        self.parallel = [parallel]  # a list: not a submodule
-        fc1, fc2 = self[1], self[4]
-        T, rank = parallel.tensor_parallel_size, parallel.tp_rank
-        fc1.weight = nn.Parameter(fc1.weight.detach().chunk(T, 0)[rank].clone())
-        fc1.bias = nn.Parameter(fc1.bias.detach().chunk(T, 0)[rank].clone())
-        fc2.weight = nn.Parameter(fc2.weight.detach().chunk(T, 1)[rank].clone())
-        fc1.out_features, fc2.in_features = fc1.weight.shape[0], fc2.weight.shape[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parallel = self.parallel[0]
-        fc1, fc2, fc3 = self[1], self[4], self[7]
-        x = gather_batch(self[0](x), parallel)  # [T x B, c5 x 36]: the group's examples
-        x = self[3](self[2](fc1(x)))  # my units of all of them
-        x = scatter_batch_sum(F.linear(x, fc2.weight), parallel) + fc2.bias  # my examples, all units
-        return fc3(self[6](self[5](x)))
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside Accelerate's wrapper: torch's state_dict API steps an optimizer without state
+    to create it, which the wrapper may skip (gradient accumulation)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 # ----------------------------------------------------------------------------- the collectives
@@ -307,69 +318,3 @@ class Traffic:
 
     def reset(self) -> None:
         self.sent, self.wait_seconds = {}, 0.0
-
-
-def _all_gather(x: torch.Tensor, parallel: HybridParallel) -> torch.Tensor:
-    out = x.new_empty((x.shape[0] * parallel.tensor_parallel_size, *x.shape[1:]))
-    parallel.traffic.add("all-gather", out, parallel.tensor_parallel_size)
-    started = time.perf_counter()
-    dist.all_gather_single(out, x.contiguous(), group=parallel.tp_group)
-    parallel.traffic.wait_seconds += time.perf_counter() - started
-    return out
-
-
-def _reduce_scatter(x: torch.Tensor, parallel: HybridParallel) -> torch.Tensor:
-    out = x.new_empty((x.shape[0] // parallel.tensor_parallel_size, *x.shape[1:]))
-    parallel.traffic.add("reduce-scatter", x, parallel.tensor_parallel_size)
-    started = time.perf_counter()
-    dist.reduce_scatter_single(out, x.contiguous(), group=parallel.tp_group)
-    parallel.traffic.wait_seconds += time.perf_counter() - started
-    return out
-
-
-class _GatherBatch(torch.autograd.Function):
-    """Forward: the group's batches stacked in rank order. Backward: each rank gets the sum over the group of
-    the gradients for its own examples."""
-
-    @staticmethod
-    def forward(ctx, x, parallel):
-        ctx.parallel = parallel
-        return _all_gather(x, parallel)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.parallel), None
-
-
-class _ScatterBatchSum(torch.autograd.Function):
-    """Forward: the group's partial sums added up, each rank keeping its own examples' rows. Backward: every
-    rank gets the gradients of the whole group's examples."""
-
-    @staticmethod
-    def forward(ctx, x, parallel):
-        ctx.parallel = parallel
-        return _reduce_scatter(x, parallel)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.parallel), None
-
-
-def gather_batch(x: torch.Tensor, parallel: HybridParallel) -> torch.Tensor:
-    """[B, ...] on each rank of the group -> [T x B, ...]. Training batches are the same size on every rank; in
-    an evaluation (no gradients) the last batches may differ, so they are padded to the largest."""
-    if torch.is_grad_enabled():
-        return _GatherBatch.apply(x, parallel)
-    sizes = _all_gather(torch.tensor([x.shape[0]], device=x.device), parallel).tolist()
-    parallel.eval_sizes = sizes
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[:x.shape[0]] = x
-    return _all_gather(padded, parallel)
-
-
-def scatter_batch_sum(x: torch.Tensor, parallel: HybridParallel) -> torch.Tensor:
-    """The inverse of gather_batch's layout: [T x B, ...] partial sums -> [B, ...] summed over the group."""
-    if torch.is_grad_enabled():
-        return _ScatterBatchSum.apply(x, parallel)
-    sizes = parallel.eval_sizes
-    return _reduce_scatter(x, parallel)[:sizes[parallel.tp_rank]]

@@ -162,7 +162,7 @@ def restore(run: Parts) -> tuple[TrainState, Path | None]:
     state and the checkpoint it came from (None for a fresh state)."""
     cfg, accelerator, log = run.cfg, run.accelerator, run.progress.log
     state = TrainState()
-    expected = Expected.of(run.signature, accelerator.unwrap_model(run.model), run.optimizer, run.parallel.full_shape)
+    expected = Expected.of(run.signature, accelerator.unwrap_model(run.model))
     loaded = find_resume_checkpoint(run.dir, cfg.resume, log, expected)
     keep_clear_of_newer_checkpoints(run, loaded["trainer_state"]["step"] if loaded else 0)
     if loaded is None:

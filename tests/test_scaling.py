@@ -6,7 +6,7 @@ import math
 import pytest
 
 from dist_alexnet.model import AlexNet
-from dist_alexnet.parallel import SHARDED
+from dist_alexnet.parallel import PLANNED, SHARDED
 from dist_alexnet.perf.measure import StepProfile, parameter_sizes
 from dist_alexnet.perf.scaling_model import (MB, Link, fit_link, gradient_buckets, layer_flops_profile,
                                              predict_hybrid_step, predict_step, ring_allreduce_seconds, strong_table)
@@ -181,7 +181,7 @@ def test_the_hybrid_model_moves_activations_not_the_classifiers_gradients():
     link = Link(100e9, 0.0, "test")
     one_node = predict_hybrid_step(profile, 8, 8, link, link, link, activation_bytes=2)
     numel = dict(SIZES)
-    replicated = sum(numel.values()) - sum(numel[name] for name in SHARDED)
+    replicated = sum(numel.values()) - sum(numel[name] for name in PLANNED)
     exchange = 2 * 7 / 8 * 8 * 512 * (9216 + 4096) * 2  # all-gather + reduce-scatter, forward and backward, bf16
     assert one_node["bytes_sent_per_step"] == pytest.approx(exchange + 2 * 7 / 8 * replicated * 4)
     # the exchange grows with the group's batch (at 512 per GPU it is about the size of ddp's all-reduce), the
@@ -192,7 +192,7 @@ def test_the_hybrid_model_moves_activations_not_the_classifiers_gradients():
     # the optimizer steps the replicated part and 1/8 of the classifier
     assert one_node["compute_s"] < profile.step_s
     two_nodes = predict_hybrid_step(profile, 16, 8, link, link, link, activation_bytes=2)
-    shards = sum(numel[name] for name in SHARDED) / 8 * 4
+    shards = sum(numel[name] / (8 if name in SHARDED else 1) for name in PLANNED) * 4  # (fc2's bias whole)
     assert two_nodes["bytes_sent_per_step"] - exchange - 2 * 15 / 16 * replicated * 4 == pytest.approx(shards)
     rows = strong_table(profile)
     assert {row["fastest"] for row in rows} <= {"ddp fp32", "ddp bf16 hook", "hybrid"}

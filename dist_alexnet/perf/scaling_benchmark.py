@@ -47,7 +47,7 @@ from dist_alexnet.distributed import make_accelerator
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import build_model
 from dist_alexnet.optimization import make_optimizer
-from dist_alexnet.parallel import Traffic, make_parallelism
+from dist_alexnet.parallel import Traffic, local, make_parallelism
 from dist_alexnet.perf.measure import ProfiledStep
 from dist_alexnet.perf.scaling_model import fit_link, gradient_buckets, predict
 from dist_alexnet.stats import StepStats
@@ -294,8 +294,8 @@ def traffic_per_step(parallel, accelerator, opts, timer: BucketTimer, communicat
 def state_bytes(model, optimizer) -> dict:
     """Bytes of this rank's parameters, their gradients (one per parameter during a step) and the optimizer's
     state: what a rank holds besides activations."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+    params = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    state = sum(local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
     return {"parameters": params, "gradients": params, "optimizer_state": state, "total": 2 * params + state}
 
@@ -378,7 +378,7 @@ def summarize(cfg, opts, device_type: str, n, step_s, times, communication, time
     strong = opts.solo_batch_size != cfg.batch_size
     exposed = communication["exposed_s"] if communication else None
     ms = 1e3
-    replicated = [(name, numel) for name, numel in profile.sizes if name not in getattr(parallel, "sharded", ())]
+    replicated = [(name, numel) for name, numel in profile.sizes if name not in getattr(parallel, "planned", ())]
     return {
         "processes": n,
         "parallelism": opts.parallelism,

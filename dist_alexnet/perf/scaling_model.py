@@ -29,7 +29,7 @@ from dist_alexnet.device import default_device
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import AlexNet, build_model
 from dist_alexnet.optimization import make_optimizer
-from dist_alexnet.parallel import SHARDED
+from dist_alexnet.parallel import PLANNED, SHARDED
 from dist_alexnet.perf.measure import ProfiledStep, StepProfile, backward_flops_by_layer, parameter_sizes
 
 MB = 2**20  # DDP's bucket_cap_mb counts MiB
@@ -166,7 +166,7 @@ def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_l
     - the classifier's exchange in the tensor-parallel group (`tp_link`), blocking, forward and backward alike:
       an all-gather of the group's features (T x B x 9216 activations) and a reduce-scatter of fc2's partial
       sums (T x B x 4096), each `activation_bytes` per value;
-    - the shards' gradient all-reduce across the n / T groups (`dp_link`), started when backward has finished
+    - the plan's gradient all-reduce (the shards and fc2's bias) across the n / T groups (`dp_link`), started when backward has finished
       the classifier, then DDP's buckets of the replicated parameters over all n ranks (`world_link`), on one
       stream as in predict_step; what ends after backward is exposed (all of it without `overlap`)."""
     numel = dict(profile.sizes)
@@ -180,11 +180,11 @@ def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_l
     optimizer_s = profile.optimizer_s * (sum(numel.values()) - sharded * (1 - 1 / tensor_parallel)) / sum(numel.values())
     backward_end = profile.backward_s + tp_s / 2
     # one all-reduce stream: first the shards (when fc1's gradient is ready), then DDP's buckets
-    shard_bytes = sharded / tensor_parallel * 4
+    shard_bytes = sum(numel[name] / (tensor_parallel if name in SHARDED else 1) for name in PLANNED) * 4
     shard_s = dp_link.allreduce_seconds(shard_bytes, groups) if groups > 1 else 0.0
     start = profile.ready_s["classifier.1.weight"] + tp_s / 4 if overlap else 0.0
     free_at, comm_s, sent, buckets = start + shard_s, shard_s, 2 * (groups - 1) / groups * shard_bytes, []
-    replicated = [(name, size) for name, size in profile.sizes if name not in SHARDED]
+    replicated = [(name, size) for name, size in profile.sizes if name not in PLANNED]
     for names in gradient_buckets(replicated, bucket_mb):
         nbytes = sum(numel[name] for name in names) * wire_bytes_per_element
         seconds = world_link.allreduce_seconds(nbytes, n)
