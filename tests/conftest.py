@@ -11,6 +11,7 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: not part of `make test-fast` (a real launcher, cluster, server, "
                                        "a full disk or many runs)")
+    config.addinivalue_line("markers", "floor: also run on the oldest supported torch (make test-floor)")
 
 
 @pytest.fixture(scope="session")

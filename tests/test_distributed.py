@@ -6,6 +6,7 @@ from tests.helpers import (TEST_SAMPLES, accelerate_with, cpu_env, free_port, me
                            single_process_correct, steps_per_epoch, tiny_args, train_tiny)
 
 
+@pytest.mark.floor
 def test_two_process_run_is_one_ddp_job_with_exact_evaluation(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     # 101 test samples divide by neither 2 processes nor the batch of 32.

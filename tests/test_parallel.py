@@ -18,6 +18,7 @@ from tests.helpers import (RECIPE, SUM_ORDER_RTOL, TEST_SAMPLES, WIDTH, assert_c
 SAME_STEPS = ["--global-batch-size", "32", "--dropout", "0", "--log-every", "1"]
 
 
+@pytest.mark.floor
 def test_hybrid_on_two_processes_takes_one_process_ddps_first_step(tmp_path, data_dir):
     ddp, hybrid = tmp_path / "ddp", tmp_path / "hybrid"
     train_tiny(ddp, data_dir, *SAME_STEPS, "--max-steps", "1")
@@ -52,6 +53,7 @@ def test_a_2x2_mesh_with_accumulation_and_clipping_takes_one_process_ddps_step(t
 
 
 @pytest.mark.slow
+@pytest.mark.floor
 def test_hybrid_resumes_exactly_and_checkpoints_move_between_ddp_and_hybrid(tmp_path, data_dir):
     """A hybrid run cut mid-epoch and resumed equals the uninterrupted hybrid run bit for bit (weights, Adam state,
     the weight average and each rank's dropout stream are gathered into one checkpoint and split again). A hybrid
@@ -85,6 +87,7 @@ def test_hybrid_resumes_exactly_and_checkpoints_move_between_ddp_and_hybrid(tmp_
     assert_same_step(ddp_step, hybrid_step, before=checkpoint_at(ddp, stop))
 
 
+@pytest.mark.floor
 def test_combinations_hybrid_cannot_do_are_refused_with_the_reason(tmp_path, data_dir):
     one = run(tiny_args(data_dir, tmp_path / "one", "--parallelism", "hybrid"), check=False)
     assert one.returncode == 2 and "this run has one" in one.stderr and "Traceback" not in one.stderr

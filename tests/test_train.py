@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -9,6 +10,7 @@ from dist_alexnet.model import AlexNet
 from tests.helpers import TEST_SAMPLES, metrics, scalars, steps_per_epoch, train_tiny
 
 
+@pytest.mark.floor
 def test_single_process_run_leaves_a_complete_run_directory(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     train_tiny(run_dir, data_dir, "--epochs", "3")
