@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -121,9 +122,14 @@ def command(args: list[str], processes: int = 1, subcommand: str = "train", laun
         return [*launcher, "-m", "dist_alexnet.cli", subcommand, *args]
     if processes == 1:
         return [sys.executable, "-m", "dist_alexnet.cli", subcommand, *args]
+    return [*accelerate_launch(processes), "-m", "dist_alexnet.cli", subcommand, *args]
+
+
+def accelerate_launch(processes: int) -> list[str]:
+    """`accelerate launch` with N CPU processes on this machine."""
     return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "dist_alexnet.cli", subcommand, *args]
+            "--main_process_port", str(free_port())]
 
 
 def run(args: list[str], processes: int = 1, subcommand: str = "train", timeout: float = 300, check: bool = True,
@@ -133,13 +139,17 @@ def run(args: list[str], processes: int = 1, subcommand: str = "train", timeout:
 
     One process runs in this one (the command line's entry point, main(argv): the same code path without a
     process start), unless in_process=False, a `prefix` command (e.g. setpriv ...), a `launcher` or
-    `blocked_imports` is given (see command()); several run under `accelerate launch`. A real run still going
-    after `timeout` seconds fails the test as a hang, and its whole process tree is killed."""
+    `blocked_imports` is given (see command()). Several processes expected to succeed (`check`) start as the
+    launcher would start them (run_ranks); expected to fail, under `accelerate launch`, whose handling of a
+    failing rank is what a user sees. A real run still going after `timeout` seconds fails the test as a hang,
+    and its whole process tree is killed."""
     env = env or cpu_env()
     if in_process is None:
         in_process = processes == 1 and not prefix and launcher is None and not blocked_imports
     if in_process:
         result = run_in_this_process([subcommand, *args], env, cwd or REPO)
+    elif processes > 1 and check and launcher is None and not prefix and not blocked_imports:
+        result = run_ranks(command(args, 1, subcommand), processes, env, cwd or REPO, timeout)
     else:
         result = run_process([*prefix, *command(args, processes, subcommand, launcher, blocked_imports)], env,
                              cwd or REPO, timeout)
@@ -159,6 +169,37 @@ def run_process(cmd: list[str], env: dict, cwd, timeout: float) -> subprocess.Co
         out, err = proc.communicate()
         raise AssertionError(f"still running after {timeout} s: a hang\n{out[-3000:]}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_ranks(cmd: list[str], processes: int, env: dict, cwd, timeout: float) -> subprocess.CompletedProcess:
+    """`processes` ranks of `cmd` on this machine, started with the variables a launcher gives its workers
+    (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the processes `accelerate launch
+    --multi_gpu` starts, without the 2-3 s its own start-up takes (the suite starts about a hundred). Their
+    output merged into one stdout and one stderr as a launcher's is; when a rank fails, the others are stopped
+    after a few seconds, as torchrun stops them; the exit code is the first failing rank's."""
+    port = str(free_port())
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd,
+                                  env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                           LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for rank in range(processes)]
+        deadline, failed_at = time.monotonic() + timeout, None
+        while any(proc.poll() is None for proc in procs):
+            now = time.monotonic()
+            if failed_at is None and any(proc.returncode for proc in procs):
+                failed_at = now
+            if now > deadline or (failed_at is not None and now > failed_at + 5):
+                for proc in procs:
+                    kill_tree(proc.pid)
+                    proc.wait()
+                if now > deadline:
+                    out.seek(0), err.seek(0)
+                    raise AssertionError(f"still running after {timeout} s: a hang\n{out.read()[-3000:]}\n"
+                                         f"{err.read()[-3000:]}")
+            time.sleep(0.05)
+        out.seek(0), err.seek(0)
+        code = next((proc.returncode for proc in procs if proc.returncode), 0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), err.read())
 
 
 def run_in_this_process(argv: list[str], env: dict, cwd) -> subprocess.CompletedProcess:

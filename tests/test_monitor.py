@@ -19,8 +19,8 @@ from tensorboard.util import tensor_util
 from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.monitor import CUDA_ONLY_TAGS, EMA_ONLY_TAGS, FP16_ONLY_TAGS, TAGS, WARNING_TAGS, class_tag
 from dist_alexnet.report import read_events, write_report
-from tests.helpers import (BIN, LOG_EVERY, REPO, cpu_env, event_record, free_port, metrics, run, steps_per_epoch,
-                           stop, tiny_split, train_tiny)
+from tests.helpers import (BIN, LOG_EVERY, REPO, accelerate_launch, cpu_env, event_record, free_port, metrics, run,
+                           steps_per_epoch, stop, tiny_split, train_tiny)
 
 STEPS = 2 * steps_per_epoch(2)  # 2 epochs, 2 processes
 IMAGE_TAGS = {"inputs/train_batch", "test/confusion_matrix", "test/class_accuracy", "test/misclassified"}
@@ -31,7 +31,9 @@ TEXT_TAGS = {"run/config", "run/command", "run/launcher", "run/summary"}
 def tiny_run(tmp_path_factory, data_dir):
     """A 2-epoch, 2-process run with augmentation; returns (run directory, its stdout)."""
     run_dir = tmp_path_factory.mktemp("monitor") / "run"
-    result = train_tiny(run_dir, data_dir, "--epochs", "2", "--augment", "--log-figures", processes=2)
+    # (under the launcher: the report says how to run it again)
+    result = train_tiny(run_dir, data_dir, "--epochs", "2", "--augment", "--log-figures", processes=2,
+                        launcher=accelerate_launch(2))
     return run_dir, result.stdout
 
 
