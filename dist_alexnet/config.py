@@ -107,8 +107,10 @@ class TrainConfig:
                               "sent, then back to fp32); none sends fp32", choices=("none", "bf16", "fp16"))
     parallelism: str = _opt("ddp", "ddp: every rank holds the whole model and all-reduces all gradients; hybrid: "
                             "the convolutions data-parallel, the classifier split over --tensor-parallel-size ranks "
-                            "(Krizhevsky's 'one weird trick'): far fewer bytes per step (README: Scaling)",
-                            choices=("ddp", "hybrid"))
+                            "(Krizhevsky's 'one weird trick'): far fewer bytes per step (README: Scaling); fsdp: "
+                            "parameters, gradients and optimizer state split over the ranks of a node, replicated "
+                            "across nodes (torch's FSDP2 / HSDP): the least memory per rank",
+                            choices=("ddp", "hybrid", "fsdp"))
     tensor_parallel_size: int | None = _opt(None, "with --parallelism hybrid: the ranks that split the classifier "
                                             "(consecutive ranks; unset = the processes of one node, "
                                             "LOCAL_WORLD_SIZE)")
@@ -196,7 +198,10 @@ class TrainConfig:
         need(self.straggler_factor == 0 or self.straggler_factor > 1,
              f"--straggler-factor must be above 1, or 0 to turn it off (got {self.straggler_factor})")
         need(self.tensor_parallel_size is None or self.parallelism == "hybrid",
-             "--tensor-parallel-size is for --parallelism hybrid (this run uses ddp)")
+             f"--tensor-parallel-size is for --parallelism hybrid (this run uses {self.parallelism})")
+        need(self.parallelism != "fsdp" or self.ddp_comm_hook == "none",
+             "--ddp-comm-hook compresses DDP's all-reduce, and --parallelism fsdp has none (it reduce-scatters "
+             "fp32 gradients); leave it out, or use --parallelism ddp")
         need(not (self.augment and self.pipeline != "device"),
              "--augment works on the device pipeline's uint8 batches; use --pipeline device or drop --augment")
         need(self.resume in ("auto", "none") or bool(self.resume),

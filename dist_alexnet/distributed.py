@@ -30,9 +30,30 @@ from dist_alexnet.errors import (CheckpointError, CollectiveFailed, ConfigError,
 SHARED_ERRORS = (ConfigError, DataError, CheckpointError, Interrupted)
 
 
+# What an accelerate config's distributed_type asks for, as accelerate launch tells its workers.
+UNSUPPORTED_LAUNCH_MODES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def check_launch_mode(cfg: TrainConfig) -> None:
+    """An accelerate config with distributed_type FSDP runs with --parallelism fsdp, which shards with torch's
+    FSDP2 itself (Accelerate's own FSDP wrapper is turned off for this process); DeepSpeed and Megatron-LM
+    configs are refused. Each in one line."""
+    for variable, name in UNSUPPORTED_LAUNCH_MODES.items():
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            raise ConfigError(f"the accelerate config asks for {name}, which dist-alexnet does not run; for sharded "
+                              f"parameters and optimizer state use launch/accelerate/fsdp.yaml with --parallelism "
+                              f"fsdp, else a MULTI_GPU config (launch/accelerate/one_node.yaml)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        if cfg.parallelism != "fsdp":
+            raise ConfigError(f"the accelerate config asks for FSDP (distributed_type: FSDP); pass --parallelism fsdp "
+                              f"(this run says --parallelism {cfg.parallelism}), or launch with a MULTI_GPU config")
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator for cfg (precision, accumulation, DDP options, collective timeout), after checking that
     all the processes the launcher started joined one job."""
+    check_launch_mode(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # NCCL's watchdog: on a timed-out collective abort the communicators but leave the process alive (2, CleanUpOnly,
     # instead of torch's default 3, which kills the process from the watchdog thread without a word), so that the

@@ -29,6 +29,8 @@ def check_replicas_agree(accelerator, parallel, model, step: int) -> None:
     a difference stops every rank with one line naming the first rank and tensor that differ."""
     model = accelerator.unwrap_model(model)
     named = [(name, p) for name, p in model.named_parameters() if name not in parallel.planned]
+    if not named:  # fsdp: no rank holds a copy of another's parameters
+        return
     local = parameter_checksums([p for _, p in named])
     rows = accelerator.gather(local.unsqueeze(0)).view(accelerator.num_processes, -1)
     different = (rows != rows[0]).view(accelerator.num_processes, len(named), 2).any(-1)  # [rank, tensor]

@@ -26,8 +26,9 @@ def make_optimizer(cfg, model: torch.nn.Module, lr: float) -> torch.optim.Optimi
     parameter group of their own: a fused kernel takes DTensors or plain tensors, not both."""
     params = list(model.parameters())
     planned = [p for p in params if isinstance(p, DTensor)]
-    if planned:
-        params = [{"params": [p for p in params if not isinstance(p, DTensor)]}, {"params": planned}]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    if planned and plain:
+        params = [{"params": plain}, {"params": planned}]
     options = {"lr": lr, "weight_decay": cfg.weight_decay,
                optimizer_implementation(cfg, planned[0].device if planned else params[0].device): True}
     if cfg.optimizer == "sgd":

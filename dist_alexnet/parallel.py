@@ -1,4 +1,4 @@
-"""How the model is spread over the processes: --parallelism ddp or hybrid.
+"""How the model is spread over the processes: --parallelism ddp, hybrid or fsdp.
 
 ddp: every rank holds the whole model; Accelerate's DDP all-reduces every gradient (233 MB of fp32 for AlexNet)
 during backward.
@@ -24,6 +24,13 @@ Every (example, unit) of the first dropout is drawn once, by the rank that owns 
 second dropout by the rank that owns the example, each rank from its own stream (seeded per rank). Checkpoints
 hold the full, unsharded model and optimizer state in the ddp layout (torch.distributed.checkpoint's state_dict
 API gathers and splits the shards), so a checkpoint moves between ddp and hybrid and between world sizes.
+
+fsdp: torch's FSDP2 (fully_shard): every parameter, its gradient and its optimizer state split by rows over the
+ranks of a node, replicated across nodes (HSDP). A layer's weights are all-gathered just before it computes and
+freed after; its gradient is reduce-scattered as soon as backward has it. Each rank keeps 1/local-world of the
+state; per step it sends about 1.5 x ddp's bytes (fc1's and fc2's weights all-gathered for forward and again
+for backward, their gradients reduce-scattered: 3 x (n-1)/n x their bytes, where ddp's all-reduce sends 2 x).
+Checkpoints, through the same state_dict API, are in the ddp layout too.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
@@ -57,34 +65,39 @@ PLANNED = (*SHARDED, "classifier.4.bias")
 FULL_STATE = StateDictOptions(full_state_dict=True)  # every rank gets the whole, unsharded tensors
 
 
-def make_parallelism(cfg, accelerator) -> DataParallel | HybridParallel:
+def make_parallelism(cfg, accelerator) -> DataParallel:
     """The --parallelism of the run, checked against the world it runs in."""
     if cfg.parallelism == "ddp":
         return DataParallel(accelerator)
     world = accelerator.num_processes
-    tp = cfg.tensor_parallel_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    hidden = channel_widths(cfg.model_width)[-1]
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     problems = []
     if world < 2:
-        problems.append("--parallelism hybrid splits the classifier over several processes and this run has one; "
-                        "launch it with accelerate launch / torchrun, or use --parallelism ddp")
-    elif world % tp:
-        problems.append(f"--tensor-parallel-size {tp} does not divide the {world} processes; choose a divisor of "
-                        f"{world} (the processes of one node are the natural choice)")
-    elif hidden % tp:
-        problems.append(f"--model-width {cfg.model_width:g} gives a hidden width of {hidden}, which "
-                        f"{tp} tensor-parallel ranks cannot split evenly; choose a width whose 4096 x width divides "
-                        f"by {tp} (1.0, 0.5, 0.25, 0.125, ...)")
+        problems.append(f"--parallelism {cfg.parallelism} spreads the model over several processes and this run has "
+                        f"one; launch it with accelerate launch / torchrun, or use --parallelism ddp")
+    if cfg.parallelism == "hybrid":
+        tp = cfg.tensor_parallel_size or local_world
+        hidden = channel_widths(cfg.model_width)[-1]
+        if world >= 2 and world % tp:
+            problems.append(f"--tensor-parallel-size {tp} does not divide the {world} processes; choose a divisor "
+                            f"of {world} (the processes of one node are the natural choice)")
+        elif world >= 2 and hidden % tp:
+            problems.append(f"--model-width {cfg.model_width:g} gives a hidden width of {hidden}, which "
+                            f"{tp} tensor-parallel ranks cannot split evenly; choose a width whose 4096 x width "
+                            f"divides by {tp} (1.0, 0.5, 0.25, 0.125, ...)")
     if cfg.compile:
-        problems.append("--compile with --parallelism hybrid: torch.compile would trace the classifier's "
-                        "collectives, which this trainer does not support; use one of the two")
+        problems.append(f"--compile with --parallelism {cfg.parallelism}: torch.compile would trace the "
+                        f"collectives of torch's tensor-parallel and fully-sharded modules, which this trainer does "
+                        f"not test; use one of the two")
     if accelerator.mixed_precision == "fp16":
-        problems.append("--mixed-precision fp16 with --parallelism hybrid: fp16's loss scaler decides on each rank "
-                        "alone whether a step overflowed, and the ranks' classifier shards differ, so they could "
-                        "disagree; use bf16")
+        problems.append(f"--mixed-precision fp16 with --parallelism {cfg.parallelism}: fp16's loss scaler decides "
+                        f"on each rank alone whether a step overflowed, and the ranks hold different parts of the "
+                        f"gradient, so they could disagree; use bf16")
     if problems:
         raise ConfigError("\n".join(problems))
-    return HybridParallel(accelerator, tp)
+    if cfg.parallelism == "hybrid":
+        return HybridParallel(accelerator, tp)
+    return FullyShardedParallel(accelerator, local_world if world % local_world == 0 else world)
 
 
 # ----------------------------------------------------------------------------- ddp
@@ -93,6 +106,7 @@ class DataParallel:
     """--parallelism ddp: the whole model on every rank; Accelerate's DDP does everything."""
     name = "ddp"
     tensor_parallel_size = 1
+    uses_ddp = True  # Accelerate wraps the model in DDP (fsdp shards it itself)
     planned: tuple[str, ...] = ()  # the parameters a tensor-parallel plan owns (DTensors), outside DDP
 
     def __init__(self, accelerator):
@@ -134,24 +148,92 @@ class DataParallel:
         return "ddp (every rank the whole model)"
 
 
+# ----------------------------------------------------------------------------- the DTensor modes
+
+class ShardedParallel(DataParallel):
+    """What hybrid and fsdp share: parameters that are DTensors split over `shard_group` (and replicated across
+    its copies), the whole gradient's norm from their parts, and checkpoints in the full ddp layout through
+    torch.distributed.checkpoint's state_dict API."""
+
+    def __init__(self, accelerator, shard_size: int, names: tuple[str, str]):
+        super().__init__(accelerator)
+        self.world = accelerator.num_processes
+        # rows: the copies (nodes); columns: the ranks that split the parameters among them
+        self.mesh = init_device_mesh(accelerator.device.type, (self.world // shard_size, shard_size),
+                                     mesh_dim_names=names)
+        self.shard_group = self.mesh.get_group(names[1])
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def gradient_norm(self, model) -> torch.Tensor:
+        """The whole gradient's L2 norm: the squares of the split gradients summed over the shard group, plus the
+        replicated ones' own."""
+        self.accelerator.unscale_gradients()
+        split, replicated = [], []
+        for p in model.parameters():
+            if p.grad is not None:
+                is_split = isinstance(p, DTensor) and any(placement.is_shard() for placement in p.placements)
+                (split if is_split else replicated).append(local(p.grad))
+        squares = torch.nn.utils.get_total_norm(split).square() if split else torch.zeros((), device=self.device)
+        dist.all_reduce(squares, group=self.shard_group)
+        own = torch.nn.utils.get_total_norm(replicated).square() if replicated else 0
+        return (squares + own).sqrt()
+
+    def clip_gradients(self, model, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) when above) on the whole
+        gradient's norm, the same on every rank."""
+        norm = self.gradient_norm(model)
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    # --- checkpoints: the full model, in the ddp layout (torch's state_dict API gathers and splits the DTensors)
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        """Every rank calls it (the parts are gathered from every rank): the unsharded state dict."""
+        return get_model_state_dict(self.accelerator.unwrap_model(model), options=FULL_STATE)
+
+    def load_full_state_dict(self, model: nn.Module, state: dict) -> None:
+        set_model_state_dict(self.accelerator.unwrap_model(model), state, options=FULL_STATE)
+
+    def full_optimizer_state(self, optimizer, model) -> dict:
+        """optimizer.state_dict()'s layout with one parameter group over the model's parameters in order, as ddp
+        saves it (in memory hybrid's DTensors have a group of their own: fused kernels take one kind)."""
+        model = self.accelerator.unwrap_model(model)
+        by_name = get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=FULL_STATE)
+        names = [name for name, _ in model.named_parameters()]
+        group = {key: value for key, value in by_name["param_groups"][0].items() if key != "params"}
+        return {"state": {names.index(name): state for name, state in by_name["state"].items()},
+                "param_groups": [{**group, "params": list(range(len(names)))}]}
+
+    def load_full_optimizer_state(self, optimizer, model, state: dict) -> None:
+        model = self.accelerator.unwrap_model(model)
+        names = [name for name, _ in model.named_parameters()]
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        saved = {key: value for key, value in state["param_groups"][0].items() if key != "params"}
+        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+                   "param_groups": [{**saved, "params": [name_of[id(p)] for p in group["params"]]}
+                                    for group in optimizer.param_groups]}
+        set_optimizer_state_dict(model, _torch_optimizer(optimizer), by_name, options=FULL_STATE)
+
+    def replicated_parameters(self, model) -> list[torch.Tensor]:
+        return [p for p in model.parameters() if not isinstance(p, DTensor)]
+
+
 # ----------------------------------------------------------------------------- hybrid
 
-class HybridParallel(DataParallel):
+class HybridParallel(ShardedParallel):
     """--parallelism hybrid: data-parallel convolutions, the classifier tensor-parallel over groups of
     tensor_parallel_size ranks (consecutive ranks: the processes of a node) and data-parallel across groups."""
     name = "hybrid"
 
     def __init__(self, accelerator, tensor_parallel_size: int):
-        super().__init__(accelerator)
-        world = accelerator.num_processes
-        self.world = world
+        super().__init__(accelerator, tensor_parallel_size, ("dp", "tp"))
         self.tensor_parallel_size = tensor_parallel_size
-        self.data_parallel_size = world // tensor_parallel_size
-        # rows: data-parallel replicas of the classifier (nodes); columns: the ranks that split it
-        self.mesh = init_device_mesh(accelerator.device.type, (self.data_parallel_size, tensor_parallel_size),
-                                     mesh_dim_names=("dp", "tp"))
-        self.tp_group, self.dp_group = self.mesh.get_group("tp"), self.mesh.get_group("dp")
-        self.tp_rank = self.mesh.get_local_rank("tp")
+        self.data_parallel_size = self.world // tensor_parallel_size
+        self.tp_group, self.dp_group = self.shard_group, self.mesh.get_group("dp")
         self.pending: list = []  # the plan's gradient all-reduces across groups in flight
         self.planned_grads: list[torch.Tensor] = []
 
@@ -222,67 +304,39 @@ class HybridParallel(DataParallel):
             torch._foreach_mul_(self.planned_grads, 1 / self.world)
         self.pending, self.planned_grads = [], []
 
-    def gradient_norm(self, model) -> torch.Tensor:
-        """The whole gradient's L2 norm: the squares of the split gradients summed over the group, plus the
-        replicated ones' own."""
-        self.accelerator.unscale_gradients()
-        split, replicated = [], []
-        for p in model.parameters():
-            if p.grad is not None:
-                is_split = isinstance(p, DTensor) and p.placements[0].is_shard()
-                (split if is_split else replicated).append(local(p.grad))
-        squares = torch.nn.utils.get_total_norm(split).square() if split else torch.zeros((), device=self.device)
-        dist.all_reduce(squares, group=self.tp_group)
-        own = torch.nn.utils.get_total_norm(replicated).square() if replicated else 0
-        return (squares + own).sqrt()
-
-    def clip_gradients(self, model, max_norm: float) -> torch.Tensor:
-        """torch.nn.utils.clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) when above) on the whole
-        gradient's norm, the same on every rank."""
-        norm = self.gradient_norm(model)
-        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-        return norm
-
-    @property
-    def device(self):
-        return self.accelerator.device
-
-    # --- checkpoints: the full model, in the ddp layout (torch's state_dict API gathers and splits the DTensors)
-
-    def full_state_dict(self, model: nn.Module) -> dict:
-        """Every rank calls it (the shards are gathered in each group): the unsharded state dict."""
-        return get_model_state_dict(self.accelerator.unwrap_model(model), options=FULL_STATE)
-
-    def load_full_state_dict(self, model: nn.Module, state: dict) -> None:
-        set_model_state_dict(self.accelerator.unwrap_model(model), state, options=FULL_STATE)
-
-    def full_optimizer_state(self, optimizer, model) -> dict:
-        """optimizer.state_dict()'s layout with one parameter group over the model's parameters in order, as ddp
-        saves it (in memory the plan's DTensors have a group of their own: fused kernels take one kind)."""
-        model = self.accelerator.unwrap_model(model)
-        by_name = get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=FULL_STATE)
-        names = [name for name, _ in model.named_parameters()]
-        group = {key: value for key, value in by_name["param_groups"][0].items() if key != "params"}
-        return {"state": {names.index(name): state for name, state in by_name["state"].items()},
-                "param_groups": [{**group, "params": list(range(len(names)))}]}
-
-    def load_full_optimizer_state(self, optimizer, model, state: dict) -> None:
-        model = self.accelerator.unwrap_model(model)
-        names = [name for name, _ in model.named_parameters()]
-        name_of = {id(p): name for name, p in model.named_parameters()}
-        saved = {key: value for key, value in state["param_groups"][0].items() if key != "params"}
-        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
-                   "param_groups": [{**saved, "params": [name_of[id(p)] for p in group["params"]]}
-                                    for group in optimizer.param_groups]}
-        set_optimizer_state_dict(model, _torch_optimizer(optimizer), by_name, options=FULL_STATE)
-
-    def replicated_parameters(self, model) -> list[torch.Tensor]:
-        return [p for p in model.parameters() if not isinstance(p, DTensor)]
-
     def describe(self) -> str:
         return (f"hybrid (convolutions data-parallel over {self.world} ranks; the classifier split over "
                 f"{self.tensor_parallel_size} ranks, data-parallel over {self.data_parallel_size} group(s))")
+
+
+# ----------------------------------------------------------------------------- fsdp
+
+class FullyShardedParallel(ShardedParallel):
+    """--parallelism fsdp: torch's FSDP2 (fully_shard). Every parameter, its gradient and its Adam state are split
+    by rows over the ranks of a node (shard_size: LOCAL_WORLD_SIZE) and replicated across nodes (HSDP; one node:
+    plain FSDP). A layer's weights are all-gathered just before it computes and freed after; its gradient is
+    reduce-scattered (averaged, as DDP averages) as soon as backward has it, then all-reduced across nodes."""
+    name = "fsdp"
+    uses_ddp = False
+
+    def __init__(self, accelerator, shard_size: int):
+        super().__init__(accelerator, shard_size, ("replicate", "shard"))
+        self.shard_size = shard_size
+
+    def split(self, model: nn.Module) -> nn.Module:
+        """Shard fc1 and fc2 (94% of the weights) as units of their own, so that only one of them is whole at a
+        time, and the rest of the model as one unit."""
+        mesh = self.mesh if self.world > self.shard_size else self.mesh["shard"]  # a 2-D mesh: HSDP
+        for layer in (model.classifier[1], model.classifier[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        self.planned = tuple(name for name, _ in model.named_parameters())
+        return model
+
+    def describe(self) -> str:
+        nodes = self.world // self.shard_size
+        across = f", replicated across {nodes} groups (HSDP)" if nodes > 1 else ""
+        return f"fsdp (every parameter, gradient and Adam state split over {self.shard_size} ranks{across})"
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -291,6 +345,15 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     with torch.no_grad():
         return tensor.to_local()
+
+
+def state_bytes(model, optimizer) -> dict:
+    """Bytes of this rank's parameters, their gradients (one per parameter during a step) and the optimizer's
+    state: what a rank holds besides activations (of a DTensor, this rank's part)."""
+    params = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    state = sum(local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    return {"parameters": params, "gradients": params, "optimizer_state": state, "total": 2 * params + state}
 
 
 def _torch_optimizer(optimizer):

@@ -209,7 +209,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------- metrics.json
 
-# Every field of metrics.json and what it holds; the optional ones only with --ema-decay.
+# Every field of metrics.json and what it holds.
 METRICS = {
     "test_acc": "exact accuracy on the whole test set (with --ema-decay: of the weight average)",
     "test_loss": "mean cross-entropy on the test set",
@@ -229,6 +229,10 @@ METRICS = {
 OPTIONAL_METRICS = {
     "raw_test_acc": "with --ema-decay: the weights' own test accuracy",
     "raw_test_loss": "with --ema-decay: the weights' own test loss",
+    # always written; optional so that the metrics.json of runs made before them still reads
+    "parallelism": "ddp, hybrid or fsdp",
+    "state_bytes_per_rank": "rank 0's parameters, gradients and optimizer state in bytes (what --parallelism "
+                            "spreads over the ranks; activations aside)",
 }
 
 

@@ -30,7 +30,7 @@ from dist_alexnet.model import build_model
 from dist_alexnet.monitor import Monitor, NullMonitor, make_monitor, open_trackers, wait_to_sort_after_earlier_events
 from dist_alexnet.optimization import (LRSchedule, WeightEMA, make_optimizer, optimizer_implementation,
                                        set_learning_rate)
-from dist_alexnet.parallel import DataParallel, make_parallelism
+from dist_alexnet.parallel import DataParallel, make_parallelism, state_bytes
 from dist_alexnet.preemption import PreemptionFlag, requeue_slurm_job, should_requeue
 from dist_alexnet.profiling import NoProfiler, StepProfiler
 from dist_alexnet.progress import Progress
@@ -147,7 +147,11 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Parts:
     if cfg.ema_decay is not None:
         average = parallel.split(build_model(dataclasses.replace(cfg, compile=False), accelerator.device))
         ema = WeightEMA(model, average, cfg.ema_decay)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    if parallel.uses_ddp:
+        model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    else:  # fsdp shards the model itself: Accelerate adds mixed precision's autocast, not DDP
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        optimizer, train_loader, test_loader = accelerator.prepare(optimizer, train_loader, test_loader)
     if ema is not None:  # evaluated under the same autocast as the model, without a DDP wrapper
         ema.average = accelerator.prepare_model(ema.average, evaluation_mode=True)
     set_seed(cfg.seed, device_specific=True)  # and a dropout stream of its own
@@ -419,8 +423,9 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
     run.progress.close()
     # DDP keeps every rank's copy of the replicated weights identical; record one checksum per rank so anyone can
     # verify it.
-    checksum = torch.stack([p.detach().double().sum() for p in run.parallel.replicated_parameters(run.model)]
-                           ).sum().reshape(1)
+    replicated = run.parallel.replicated_parameters(run.model)  # (none under fsdp)
+    checksum = torch.stack([p.detach().double().sum() for p in replicated]).sum().reshape(1) if replicated \
+        else torch.zeros(1, dtype=torch.float64, device=accelerator.device)
     checksums = accelerator.gather(checksum).tolist()
     if len(set(checksums)) != 1:
         run.progress.log(f"WARNING: the ranks ended with different weights (parameter sums {checksums})")
@@ -439,6 +444,8 @@ def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
         "epoch_seconds": run.stats.epoch_seconds,
         "wall_seconds": time.perf_counter() - started,
         "param_checksums": checksums,
+        "parallelism": run.parallel.name,
+        "state_bytes_per_rank": state_bytes(accelerator.unwrap_model(run.model), run.optimizer)["total"],
     }
     if "raw_test_acc" in results:  # --ema-decay: the test figures above are the average's
         metrics.update(raw_test_acc=results["raw_test_acc"], raw_test_loss=results["raw_test_loss"])

@@ -178,10 +178,12 @@ def run_ranks(cmd: list[str], processes: int, env: dict, cwd, timeout: float) ->
     output merged into one stdout and one stderr as a launcher's is; when a rank fails, the others are stopped
     after a few seconds, as torchrun stops them; the exit code is the first failing rank's."""
     port = str(free_port())
+    per_node = int(env.get("LOCAL_WORLD_SIZE", processes))  # (a test may pretend to run on several nodes)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd,
-                                  env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                                           LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                                  env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank % per_node),
+                                           WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(per_node),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
                  for rank in range(processes)]
         deadline, failed_at = time.monotonic() + timeout, None
         while any(proc.poll() is None for proc in procs):

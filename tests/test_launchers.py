@@ -5,8 +5,8 @@ bit-identical to the standard one-machine 2-process run of the same configuratio
 
 import pytest
 
-from tests.helpers import (TEST_SAMPLES, Lines, accelerate_with, free_port, kill_tree, metrics, run,
-                           single_process_correct, start, tiny_args, torchrun, train_tiny)
+from tests.helpers import (TEST_SAMPLES, Lines, accelerate_with, assert_clean_failure, cpu_env, free_port, kill_tree,
+                           metrics, run, single_process_correct, start, tiny_args, torchrun, train_tiny)
 
 pytestmark = pytest.mark.slow  # torchrun and two-machine launches
 
@@ -57,3 +57,19 @@ def test_two_machines_meet_at_the_head_and_form_one_job(tmp_path, data_dir, refe
     # global rank 0 (machine 0) alone prints and writes
     assert "run directory" in outputs[0] and "run directory" not in outputs[1]
     check_one_job(run_dir, data_dir, reference)
+
+
+def test_an_accelerate_fsdp_config_runs_the_fsdp_mode_and_says_which_option_it_needs(tmp_path, data_dir):
+    """launch/accelerate/fsdp.yaml as users write such files (distributed_type FSDP, FSDP2, bf16): with
+    --parallelism fsdp the parameters are sharded by the trainer's own FSDP2, in bf16, and every test sample is
+    evaluated once; without it, one line says what to pass. DeepSpeed and Megatron-LM configs are refused in one line."""
+    fsdp = accelerate_with("launch/accelerate/fsdp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()))
+    out = run(tiny_args(data_dir, tmp_path / "run", *STEPS, "--parallelism", "fsdp"), launcher=fsdp).stdout
+    assert "split over 2 ranks" in out
+    m = metrics(tmp_path / "run")
+    assert m["world_size"] == 2 and m["mixed_precision"] == "bf16" and m["test_samples"] == TEST_SAMPLES
+    forgot = run(tiny_args(data_dir, tmp_path / "forgot", *STEPS), launcher=fsdp, check=False)
+    assert "pass --parallelism fsdp" in assert_clean_failure(forgot, processes=2)
+    for variable in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM"):
+        refused = run(tiny_args(data_dir, tmp_path / variable, *STEPS), env=cpu_env(**{variable: "true"}), check=False)
+        assert "dist-alexnet does not run" in assert_clean_failure(refused, processes=1)

@@ -47,7 +47,7 @@ from dist_alexnet.distributed import make_accelerator
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import build_model
 from dist_alexnet.optimization import make_optimizer
-from dist_alexnet.parallel import Traffic, local, make_parallelism
+from dist_alexnet.parallel import Traffic, make_parallelism, state_bytes
 from dist_alexnet.perf.measure import ProfiledStep
 from dist_alexnet.perf.scaling_model import fit_link, gradient_buckets, predict
 from dist_alexnet.stats import StepStats
@@ -289,15 +289,6 @@ def traffic_per_step(parallel, accelerator, opts, timer: BucketTimer, communicat
     return {"bytes_sent_per_step": {**sent, "total": sum(sent.values())},
             "collective_s": {"exposed": exposed, "hidden": communication["hidden_s"] if communication else None,
                              "tensor_parallel_and_shards": blocking}}
-
-
-def state_bytes(model, optimizer) -> dict:
-    """Bytes of this rank's parameters, their gradients (one per parameter during a step) and the optimizer's
-    state: what a rank holds besides activations."""
-    params = sum(local(p).numel() * p.element_size() for p in model.parameters())
-    state = sum(local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t))
-    return {"parameters": params, "gradients": params, "optimizer_state": state, "total": 2 * params + state}
 
 
 def time_windows(measurements: dict, recorders: dict, accelerator, opts, traffic=None) -> dict[str, list[float]]:
