@@ -85,7 +85,7 @@ def add_benchmark_command(commands, debug: argparse.ArgumentParser) -> None:
                             "measured one after the other (default: none)")
     bench.add_argument("--ddp-bucket-mb", nargs="+", type=int, default=[25],
                        help="with --processes: DDP bucket sizes to measure (default: 25)")
-    bench.add_argument("--parallelism", nargs="+", choices=("ddp", "hybrid"), default=["ddp"],
+    bench.add_argument("--parallelism", nargs="+", choices=("ddp", "hybrid", "fsdp"), default=["ddp"],
                        help="with --processes: the parallelisms to measure, one after the other (default: ddp)")
     bench.add_argument("--tensor-parallel-size", type=int, default=None,
                        help="with --parallelism hybrid: ranks that split the classifier (default: all processes)")

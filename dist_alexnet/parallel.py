@@ -327,11 +327,28 @@ class FullyShardedParallel(ShardedParallel):
         """Shard fc1 and fc2 (94% of the weights) as units of their own, so that only one of them is whole at a
         time, and the rest of the model as one unit."""
         mesh = self.mesh if self.world > self.shard_size else self.mesh["shard"]  # a 2-D mesh: HSDP
-        for layer in (model.classifier[1], model.classifier[4]):
+        units_again = [model.classifier[1], model.classifier[4]]
+        for layer in units_again:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         self.planned = tuple(name for name, _ in model.named_parameters())
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # (DTensor: the whole)
+        self.gathered_again = sum(p.numel() * p.element_size() for layer in units_again for p in layer.parameters())
+        model.register_forward_pre_hook(self._count_traffic)
         return model
+
+    def _count_traffic(self, module, args) -> None:
+        """FSDP2's collectives of this forward (and its backward), counted as the ring algorithms send them: every
+        weight all-gathered for forward, fc1's and fc2's again for backward (the root unit stays whole between),
+        every gradient reduce-scattered, then its shard all-reduced across the groups."""
+        training = torch.is_grad_enabled()
+        gathered = self.weight_bytes + (self.gathered_again if training else 0)
+        self.traffic.add_bytes("all-gather", gathered, self.shard_size)
+        groups = self.world // self.shard_size
+        if training:
+            self.traffic.add_bytes("reduce-scatter", self.weight_bytes, self.shard_size)
+            if groups > 1:
+                self.traffic.add_bytes("all-reduce", self.weight_bytes / self.shard_size, groups)
 
     def describe(self) -> str:
         nodes = self.world // self.shard_size

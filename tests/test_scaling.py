@@ -9,7 +9,8 @@ from dist_alexnet.model import AlexNet
 from dist_alexnet.parallel import PLANNED, SHARDED
 from dist_alexnet.perf.measure import StepProfile, parameter_sizes
 from dist_alexnet.perf.scaling_model import (MB, Link, fit_link, gradient_buckets, layer_flops_profile,
-                                             predict_hybrid_step, predict_step, ring_allreduce_seconds, strong_table)
+                                             predict_fsdp_step, predict_hybrid_step, predict_step,
+                                             ring_allreduce_seconds, strong_table)
 from tests.helpers import run
 
 SIZES = parameter_sizes(AlexNet())
@@ -78,7 +79,7 @@ def test_a_profile_survives_json():
 @pytest.fixture(scope="module")
 def two_process_benchmark(tmp_path_factory):
     path = tmp_path_factory.mktemp("scaling") / "scaling.json"
-    result = run([*TOY, "--processes", "2", "--parallelism", "ddp", "hybrid", "--json", str(path)],
+    result = run([*TOY, "--processes", "2", "--parallelism", "ddp", "hybrid", "fsdp", "--json", str(path)],
                  subcommand="benchmark", timeout=300)
     return json.loads(path.read_text()), result.stdout, path
 
@@ -95,8 +96,9 @@ VARIANT_FIELDS = {"processes", "parallelism", "tensor_parallel_size", "ddp_comm_
 def test_the_two_process_benchmark_writes_every_field(two_process_benchmark):
     result, stdout, _ = two_process_benchmark
     assert result["processes"] == 2 and result["threads_per_process"] >= 1 and result["scaling"] == "weak"
-    ddp, hybrid = result["variants"]
-    assert (ddp["parallelism"], hybrid["parallelism"]) == ("ddp", "hybrid") and hybrid["tensor_parallel_size"] == 2
+    ddp, hybrid, fsdp = result["variants"]
+    assert [v["parallelism"] for v in result["variants"]] == ["ddp", "hybrid", "fsdp"]
+    assert hybrid["tensor_parallel_size"] == 2
     for v in result["variants"]:
         assert set(v) == VARIANT_FIELDS and v["processes"] == 2
         for key in ("solo_images_per_sec", "images_per_sec", "weak_scaling_efficiency"):
@@ -104,9 +106,10 @@ def test_the_two_process_benchmark_writes_every_field(two_process_benchmark):
         assert v["weak_scaling_efficiency"] == pytest.approx(v["step_s"]["solo"] / v["step_s"][v["parallelism"]])
         assert v["strong_scaling_efficiency"] is None
         assert all(len(times) == 2 for times in v["windows_step_s"].values())
-        comm = v["communication"]  # the hook's figures (CPU)
-        assert comm["allreduce_s"] > 0 and 0 <= comm["exposed_s"] and 0 <= comm["overlap"] <= 1
-        assert comm["hidden_s"] == pytest.approx(comm["allreduce_s"] - comm["exposed_s"], abs=1e-9)
+        comm = v["communication"]  # the DDP hook's figures (CPU; fsdp has no DDP)
+        if v is not fsdp:
+            assert comm["allreduce_s"] > 0 and 0 <= comm["exposed_s"] and 0 <= comm["overlap"] <= 1
+            assert comm["hidden_s"] == pytest.approx(comm["allreduce_s"] - comm["exposed_s"], abs=1e-9)
         assert v["link"]["bandwidth"] > 0 and math.isfinite(v["link"]["bandwidth"])
         assert v["model"]["step_s"] > 0 and math.isfinite(v["model"]["step_error"])
         # the bytes counted as the collectives ran are the bytes the scaling model predicts
@@ -115,7 +118,29 @@ def test_the_two_process_benchmark_writes_every_field(two_process_benchmark):
     assert set(hybrid["bytes_sent_per_step"]) == {"all-gather", "reduce-scatter", "all-reduce", "total"}
     assert hybrid["bytes_sent_per_step"]["total"] < ddp["bytes_sent_per_step"]["total"] / 5
     assert hybrid["state_bytes_per_rank"]["total"] < ddp["state_bytes_per_rank"]["total"] * 0.6
+    # fsdp: half of everything per rank, for 3 x (n-1)/n of fc1's and fc2's bytes and 2 x of the rest's
+    assert fsdp["state_bytes_per_rank"]["total"] <= ddp["state_bytes_per_rank"]["total"] * 0.51
+    assert set(fsdp["bytes_sent_per_step"]) == {"all-gather", "reduce-scatter", "all-reduce", "total"}
+    assert 1.3 < fsdp["bytes_sent_per_step"]["total"] / ddp["bytes_sent_per_step"]["total"] < 1.5
     assert "efficiency" in stdout and "hybrid, none, 25 MB" in stdout
+
+
+def test_the_fsdp_model_steps_a_shard_of_the_state_and_sends_its_weights_three_times():
+    profile = layer_flops_profile(1.0, 224, step_s=0.0128, optimizer_s=0.5e-3, batch_size=512, source="test")
+    link = Link(100e9, 0.0, "test")
+    numel = dict(SIZES)
+    weights = sum(numel.values()) * 4
+    gathered_again = sum(numel[f"classifier.{i}.{kind}"] for i in (1, 4) for kind in ("weight", "bias")) * 4
+    one_node = predict_fsdp_step(profile, 8, 8, link, link)
+    # forward's all-gather of every weight, backward's of fc1 and fc2, the reduce-scatter of every gradient
+    assert one_node["bytes_sent_per_step"] == pytest.approx(7 / 8 * (2 * weights + gathered_again))
+    assert 1.4 < one_node["bytes_sent_per_step"] / predict_step(profile, 8, link)["bytes_sent_per_step"] < 1.5
+    assert one_node["compute_s"] == pytest.approx(profile.forward_s + profile.backward_s + profile.optimizer_s / 8)
+    two_nodes = predict_fsdp_step(profile, 16, 8, link, link)  # + the shards' all-reduce across the 2 nodes
+    assert two_nodes["bytes_sent_per_step"] - one_node["bytes_sent_per_step"] == pytest.approx(weights / 8)
+    no_overlap = predict_fsdp_step(profile, 8, 8, link, link, overlap=False)
+    assert no_overlap["exposed_s"] == pytest.approx(no_overlap["allreduce_s"])
+    assert no_overlap["exposed_s"] > one_node["exposed_s"] > 0  # (the root unit's collectives stay exposed)
 
 
 @pytest.mark.slow
@@ -195,7 +220,9 @@ def test_the_hybrid_model_moves_activations_not_the_classifiers_gradients():
     shards = sum(numel[name] / (8 if name in SHARDED else 1) for name in PLANNED) * 4  # (fc2's bias whole)
     assert two_nodes["bytes_sent_per_step"] - exchange - 2 * 15 / 16 * replicated * 4 == pytest.approx(shards)
     rows = strong_table(profile)
-    assert {row["fastest"] for row in rows} <= {"ddp fp32", "ddp bf16 hook", "hybrid"}
+    assert {row["fastest"] for row in rows} <= {"ddp fp32", "ddp bf16 hook", "hybrid", "fsdp"}
     across_nodes = [row for row in rows if row["global_batch"] == 4096 and row["nodes"] >= 2]
-    assert all(row["fastest"] == "hybrid" for row in across_nodes)
+    assert all(row["fastest"] in ("hybrid", "fsdp") for row in across_nodes)
+    # at a few images per GPU across many nodes, moving activations beats moving weights
+    assert all(row["fastest"] == "hybrid" for row in across_nodes if row["global_batch"] / row["gpus"] <= 64)
     assert all(row["hybrid"]["efficiency"] > row["ddp fp32"]["efficiency"] for row in across_nodes)

@@ -228,10 +228,14 @@ def worker(opts: argparse.Namespace) -> None:
     solo_optimizer = make_optimizer(cfg, solo_model, cfg.lr) if solo_model is not None else None
     model = parallel.split(model)
     optimizer = make_optimizer(cfg, model, cfg.lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if parallel.uses_ddp:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # fsdp: sharded by parallel.split, not wrapped in DDP (as in train.set_up)
+        model, optimizer = accelerator.prepare_model(model, evaluation_mode=True), accelerator.prepare(optimizer)
     names = {p.data_ptr(): name for name, p in accelerator.unwrap_model(model).named_parameters()}
     timer = BucketTimer(comm_hook(opts.hook), names)
-    model.register_comm_hook(None, timer.hook)
+    if parallel.uses_ddp:
+        model.register_comm_hook(None, timer.hook)
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     inputs = torch.randn(cfg.batch_size, 1, cfg.image_size, cfg.image_size, generator=generator).to(dev)
     labels = torch.randint(0, 10, (cfg.batch_size,), generator=generator).to(dev)
@@ -258,7 +262,7 @@ def worker(opts: argparse.Namespace) -> None:
     times = time_windows(measurements, {opts.parallelism: timer, "solo": solo_step}, accelerator, opts,
                          parallel.traffic)
     step_s = {name: statistics.median(values) for name, values in times.items()}
-    communication = timer.per_step() if dev.type == "cpu" else None
+    communication = timer.per_step() if dev.type == "cpu" and parallel.uses_ddp else None
     traffic = traffic_per_step(parallel, accelerator, opts, timer, communication)
     memory = state_bytes(accelerator.unwrap_model(model), optimizer)
     link_times = time_allreduces(accelerator)
@@ -355,10 +359,11 @@ def summarize(cfg, opts, device_type: str, n, step_s, times, communication, time
     # On a CPU whose every core computes, an all-reduce in flight takes cores from backward: no free overlap.
     overlap = device_type == "cuda"
     tp = parallel.tensor_parallel_size
+    group = getattr(parallel, "shard_size", tp)  # the ranks that split the model's state
 
     def predicted(with_overlap: bool) -> dict:
         return predict(profile, opts.parallelism, n, cfg.batch_size, link, link, link, opts.bucket_mb, wire,
-                       activation_bytes, tp, overlap=with_overlap)
+                       activation_bytes, group, overlap=with_overlap)
 
     model, model_overlap = predicted(overlap), predicted(True)
     solo_s, step = step_s["solo"], step_s[opts.parallelism]
@@ -422,7 +427,7 @@ def parse_worker_args(argv: list[str]) -> argparse.Namespace:
                                      description="one process of `dist-alexnet benchmark --processes N`")
     parser.add_argument("--out", required=True)
     parser.add_argument("--hook", choices=("none", "bf16", "fp16"), default="none")
-    parser.add_argument("--parallelism", choices=("ddp", "hybrid"), default="ddp")
+    parser.add_argument("--parallelism", choices=("ddp", "hybrid", "fsdp"), default="ddp")
     parser.add_argument("--tensor-parallel-size", type=int, default=None)
     for name, kind in (("bucket-mb", int), ("threads", int), ("image-size", int), ("batch-size", int),
                        ("solo-batch-size", int),

@@ -212,13 +212,57 @@ def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_l
     }
 
 
+def predict_fsdp_step(profile: StepProfile, n: int, shard: int, shard_link: Link, across_link: Link,
+                      overlap: bool = True) -> dict:
+    """The n-process step under --parallelism fsdp, every parameter sharded over `shard` ranks (a node) and
+    replicated across the n / shard groups:
+    - the optimizer steps 1/shard of the parameters;
+    - in the group (`shard_link`): every weight all-gathered for forward, fc1's and fc2's again for backward (the
+      root unit stays whole between the two), every gradient reduce-scattered: fp32, ring algorithms;
+    - across the groups (`across_link`): the gradient shards all-reduced;
+    - with `overlap` (GPUs: FSDP2 prefetches the next unit's all-gather and reduce-scatters behind backward) the
+      root unit's all-gather (before anything computes) and reduce-scatter (after backward's last gradient) are
+      exposed, and of the rest what exceeds forward and backward; without it (a CPU whose every core computes)
+      all of it."""
+    numel = dict(profile.sizes)
+    weights = sum(numel.values()) * 4
+    gathered_again = sum(size for name, size in numel.items() if name.startswith(("classifier.1.", "classifier.4.")))
+    gather_bytes = weights + gathered_again * 4
+    groups = n // shard
+    in_group_s = ring_gather_seconds(gather_bytes, shard, shard_link) + ring_gather_seconds(weights, shard, shard_link)
+    across_s = across_link.allreduce_seconds(weights / shard, groups) if groups > 1 else 0.0
+    comm_s = in_group_s + across_s
+    compute_s = profile.forward_s + profile.backward_s + profile.optimizer_s / shard
+    root_s = 2 * ring_gather_seconds(weights - gathered_again * 4, shard, shard_link)
+    exposed_s = root_s + max(0.0, comm_s - root_s - profile.forward_s - profile.backward_s) if overlap else comm_s
+    step_s = compute_s + exposed_s
+    sent = (shard - 1) / shard * (gather_bytes + weights) + (2 * (groups - 1) / groups * weights / shard
+                                                             if groups > 1 else 0.0)
+    return {
+        "processes": n,
+        "shard_size": shard,
+        "step_s": step_s,
+        "compute_s": compute_s,
+        "allreduce_s": comm_s,
+        "exposed_s": exposed_s,
+        "hidden_s": comm_s - exposed_s,
+        "efficiency": profile.step_s / step_s,
+        "images_per_sec": n * profile.batch_size / step_s,
+        "bytes_sent_per_step": sent,
+        "buckets": [],
+    }
+
+
 def predict(profile: StepProfile, parallelism: str, n: int, batch_size: int, tp_link: Link, dp_link: Link,
             world_link: Link, bucket_mb: float = 25, wire_bytes_per_element: int = 4, activation_bytes: int = 4,
             tensor_parallel: int = 1, overlap: bool = True) -> dict:
-    """predict_step (ddp) or predict_hybrid_step at `batch_size` per process."""
+    """predict_step (ddp), predict_hybrid_step or predict_fsdp_step at `batch_size` per process;
+    `tensor_parallel`: hybrid's tensor-parallel group or fsdp's shard group (tp_link inside it, dp_link across)."""
     at_batch = profile.with_batch_size(batch_size)
     if parallelism == "ddp":
         return predict_step(at_batch, n, world_link, bucket_mb, wire_bytes_per_element, overlap)
+    if parallelism == "fsdp":
+        return predict_fsdp_step(at_batch, n, tensor_parallel, tp_link, dp_link, overlap)
     return predict_hybrid_step(at_batch, n, tensor_parallel, tp_link, dp_link, world_link, bucket_mb,
                                wire_bytes_per_element, activation_bytes, overlap)
 
@@ -232,11 +276,13 @@ SCENARIOS = {
     "bf16 hook, 5 MB buckets": dict(parallelism="ddp", wire_bytes_per_element=2, batch_size=512, bucket_mb=5),
     "fp32, 100 MB buckets": dict(parallelism="ddp", wire_bytes_per_element=4, batch_size=512, bucket_mb=100),
     "hybrid, batch 512": dict(parallelism="hybrid", wire_bytes_per_element=4, batch_size=512, bucket_mb=25),
+    "fsdp, batch 512": dict(parallelism="fsdp", wire_bytes_per_element=4, batch_size=512, bucket_mb=25),
 }
 # The modes compared at a fixed global batch (strong scaling) and the global batches of that table.
 MODES = {"ddp fp32": dict(parallelism="ddp", wire_bytes_per_element=4),
          "ddp bf16 hook": dict(parallelism="ddp", wire_bytes_per_element=2),
-         "hybrid": dict(parallelism="hybrid", wire_bytes_per_element=4)}
+         "hybrid": dict(parallelism="hybrid", wire_bytes_per_element=4),
+         "fsdp": dict(parallelism="fsdp", wire_bytes_per_element=4)}
 GLOBAL_BATCHES = (1024, 4096, 16384)
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # up to 64 nodes of 8
 
@@ -244,8 +290,8 @@ GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # up to 64 nodes of 8
 def predict_on_gpus(profile: StepProfile, gpus: int, batch_size: int, parallelism: str,
                     wire_bytes_per_element: int, bucket_mb: float = 25, links: dict = GPU_LINKS) -> dict:
     """One mode's step on `gpus` GPUs in nodes of 8 at `batch_size` per GPU: ddp's all-reduce over the link that
-    bounds it (gpu_link); hybrid's classifier split over the GPUs of a node (NVLink), its shards all-reduced
-    across nodes (InfiniBand)."""
+    bounds it (gpu_link); hybrid's classifier (fsdp's every parameter) split over the GPUs of a node (NVLink),
+    its shards all-reduced across nodes (InfiniBand)."""
     tensor_parallel = min(gpus, GPUS_PER_NODE)
     return predict(profile, parallelism, gpus, batch_size, Link(**links["nvlink"]), Link(**links["infiniband"]),
                    gpu_link(gpus, links), bucket_mb, wire_bytes_per_element, activation_bytes=2,
