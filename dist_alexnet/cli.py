@@ -1,10 +1,13 @@
-"""The `dist-alexnet` command: subcommands mapped onto the library's functions."""
+"""The `dist-alexnet` command: subcommands mapped onto the library's functions.
+
+Each subcommand imports its work's modules inside its run_* function, when it runs: they import torch,
+accelerate and tensorboard (seconds), which --help, --version and a bad option must not wait for, and before which
+a preemption signal must already be caught."""
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
 import signal
@@ -183,8 +186,10 @@ def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
 def run_lr_find(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     sweep = Sweep(args.start_lr, args.end_lr, args.num_steps, args.smoothing, args.diverge_factor).validate()
+    from dist_alexnet.lr_find import lr_find  # (here, not at the top: see the module's docstring)
+
     try:
-        late("lr_find:lr_find")(cfg, sweep, args.json)
+        lr_find(cfg, sweep, args.json)
     finally:
         gc.collect()  # as after training: free the process group's threads before interpreter shutdown
     return 0
@@ -195,8 +200,10 @@ def run_train(args: argparse.Namespace) -> int:
     # set-up is answered at the first training step (a checkpoint, then the requeue), not by dying of it.
     with PreemptionFlag() as preemption:
         cfg = config_from_args(args)  # a bad option is reported before the slow imports
+        from dist_alexnet.train import train
+
         try:
-            late("train:train")(cfg, preemption)
+            train(cfg, preemption)
         finally:
             # Free the DDP model while the interpreter is fully alive: it keeps the gloo process group and its
             # worker threads alive past destroy_process_group, and destroying them at interpreter shutdown can
@@ -207,15 +214,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    return late("perf.benchmark:main")(args)
+    from dist_alexnet.perf.benchmark import main
+
+    return main(args)
 
 
 def run_scaling_model(args: argparse.Namespace) -> int:
-    return late("perf.scaling_model:main")(args)
+    from dist_alexnet.perf.scaling_model import main
+
+    return main(args)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    inference = late("inference")
+    from dist_alexnet import inference
+
     overrides = {name: getattr(args, name) for name in DATA_OPTIONS if hasattr(args, name)}
     try:
         results = inference.evaluate_checkpoint(args.checkpoint, args.split, overrides)
@@ -229,12 +241,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError(f"--top-k and --batch-size must be >= 1 (got {args.top_k}, {args.batch_size})")
-    serving = late("serving")  # PIL and numpy: predict --onnx imports neither torch nor accelerate
+    from dist_alexnet import serving  # PIL and numpy: predict --onnx imports neither torch nor accelerate
+
     files, problems = serving.image_files(args.images)
     if args.onnx:
         classifier = serving.onnx_classifier(Path(args.checkpoint))
     else:
-        inference = late("inference")
+        from dist_alexnet import inference
+
         trained = inference.load_trained_model(args.checkpoint, log=lambda message: print(message, file=sys.stderr))
         classifier = inference.torch_classifier(trained)
     predictions, unreadable = serving.predict(classifier, files, args.invert, args.batch_size, args.top_k)
@@ -251,7 +265,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    export = late("export")
+    from dist_alexnet import export
+
     folder = export.export_model(args.checkpoint, args.out, onnx=args.format == "onnx",
                           log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(f"exported: {folder}")
@@ -261,22 +276,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from dist_alexnet.report import write_report
+
     try:
-        print(late("report:write_report")(args.run_dir))
+        print(write_report(args.run_dir))
     except OSError as err:
         raise ReportError(f"cannot write the report into {args.run_dir}: {err.filename or args.run_dir} "
                           f"({err.strerror or err}); make the run directory writable, or copy it somewhere "
                           f"writable and run `dist-alexnet report` on the copy") from None
     return 0
-
-
-def late(name: str):
-    """The package's module `name` (or its attribute, as "module:attribute"), imported now. Each subcommand imports
-    its work's module only when it runs: they import torch, accelerate and tensorboard (seconds), which --help,
-    --version and a bad option must not wait for, and before which a preemption signal must already be caught."""
-    module, _, attribute = name.partition(":")
-    loaded = importlib.import_module(f"dist_alexnet.{module}")
-    return getattr(loaded, attribute) if attribute else loaded
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
