@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 from dist_alexnet import __version__
-from dist_alexnet.config import (BENCHMARK_OPTIONS, DATA_OPTIONS, LR_FIND_OPTIONS, SCALING_MODEL_OPTIONS,
-                                 ConfigError, add_arguments, config_from_args)
+from dist_alexnet.config import ConfigError, add_arguments, config_from_args, options_for
 from dist_alexnet.errors import EXIT_CODES, Interrupted, ReportError
 from dist_alexnet.lr_sweep import Sweep
 from dist_alexnet.preemption import PreemptionFlag
@@ -69,7 +68,7 @@ def add_benchmark_command(commands, debug: argparse.ArgumentParser) -> None:
                                 help="measure the model step, the trainer step with each input "
                                 "pipeline and the pipelines alone, side by side (images/s, MFU)")
     # what is measured: train's options, at the benchmark's own default batch
-    add_arguments(bench, only=BENCHMARK_OPTIONS, overrides={"batch_size": {"default": 128}})
+    add_arguments(bench, only=options_for("benchmark"), overrides={"batch_size": {"default": 128}})
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: CUDA when available (default: auto)")
     bench.add_argument("--steps", type=int, default=10, help="steps per timed window (default: 10)")
@@ -110,7 +109,7 @@ def add_scaling_model_command(commands, debug: argparse.ArgumentParser) -> None:
     scaling.add_argument("--measure", action="store_true",
                          help="measure the profile here, on this machine's GPU (or CPU), at --batch-size")
     # the step measured with --measure (--image-size also sizes the assumed step): train's options, at a GPU's batch
-    add_arguments(scaling, only=SCALING_MODEL_OPTIONS,
+    add_arguments(scaling, only=options_for("scaling-model"),
                   overrides={"batch_size": {"default": 512}, "mixed_precision": {"default": "bf16",
                                                                                    "choices": ("no", "bf16")}})
     scaling.add_argument("--intra-node-gbs", type=float, default=None,
@@ -130,7 +129,7 @@ def add_model_commands(commands, debug: argparse.ArgumentParser) -> None:
                              "process, or many under `accelerate launch`)")
     evaluate.add_argument("--split", choices=("test", "train"), default="test", help="(default: test)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    add_arguments(evaluate, only=DATA_OPTIONS)  # default: the values the checkpoint was trained with
+    add_arguments(evaluate, only=options_for("evaluate"))  # default: the values the checkpoint was trained with
 
     predict = model_command(commands, debug, "predict", run_predict,
                             "the classes of image files (PNG, JPEG, any PIL-readable image)")
@@ -171,7 +170,7 @@ def model_command(commands, debug: argparse.ArgumentParser, name: str, run, help
 def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of train options (command-line flags override it); those lr-find "
                                          "has no use for (the schedule, the epochs, checkpoints) are ignored")
-    add_arguments(parser, only=LR_FIND_OPTIONS)
+    add_arguments(parser, only=options_for("lr-find"))
     parser.add_argument("--start-lr", type=float, default=Sweep.start_lr, help="(default: %(default)g)")
     parser.add_argument("--end-lr", type=float, default=Sweep.end_lr, help="(default: %(default)g)")
     parser.add_argument("--num-steps", type=int, default=Sweep.num_steps,
@@ -228,7 +227,7 @@ def run_scaling_model(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from dist_alexnet import inference
 
-    overrides = {name: getattr(args, name) for name in DATA_OPTIONS if hasattr(args, name)}
+    overrides = {name: getattr(args, name) for name in options_for("evaluate") if hasattr(args, name)}
     try:
         results = inference.evaluate_checkpoint(args.checkpoint, args.split, overrides)
     finally:

@@ -23,8 +23,39 @@ from dist_alexnet.device import use_cuda
 from dist_alexnet.errors import ConfigError
 
 
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+# What a resume does with an option whose value differs from the checkpoint's (an option's `resume=`): by default
+# the new value applies from the resumed step on, and the log says so; SILENT: not logged (how this launch
+# starts, not the run); refused(why) / refused_mid_epoch(why): a ConfigError, for an option that would change what
+# the checkpoint's state means (always, or inside an epoch).
+APPLIES, SILENT = "applies", "silent"
+
+
+def refused(why: str) -> tuple[str, str]:
+    return ("refused", why)
+
+
+def refused_mid_epoch(why: str) -> tuple[str, str]:
+    return ("refused mid-epoch", why)
+
+
+def _opt(default, help: str, *, choices: tuple | None = None, takes: tuple[str, ...] = (), resume=APPLIES,
+         history: bool = True):
+    """A TrainConfig field and its rules: `choices`; `takes`, the subcommands besides train that take the option
+    (evaluate: the data and batch over the checkpoint's; lr-find, benchmark, scaling-model: what they measure);
+    `resume`, see APPLIES; `history`, whether the figures sent to the trackers depend on it (False: a resume with
+    another value recomputes the same figures, so MLflow and W&B keep the steps they already have)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "takes": takes, "resume": resume,
+                                            "history": history})
+
+
+def options_for(subcommand: str) -> tuple[str, ...]:
+    """The TrainConfig fields `subcommand` takes, in TrainConfig's order."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if subcommand in f.metadata["takes"])
+
+
+def figures_depend_on() -> tuple[str, ...]:
+    """The options the figures sent to the trackers depend on (history=True)."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["history"])
 
 
 @dataclass
@@ -34,77 +65,106 @@ class TrainConfig:
                         "fashion-mnist-sample: 3,615 real Fashion-MNIST images shipped with dist-alexnet, split "
                         "3,000 train / 615 test (offline); or synthetic: generated shapes of the ten classes, "
                         "written as IDX files under --data-dir (offline, any size)",
-                        choices=("fashion-mnist", "fashion-mnist-sample", "synthetic"))
-    data_dir: str = _opt("./data", "folder holding FashionMNIST/raw/*-ubyte (torchvision layout)")
-    download: bool = _opt(True, "download Fashion-MNIST with torchvision when the files are missing")
-    limit_train: int | None = _opt(None, "use only the first N training samples (smoke runs)")
-    limit_test: int | None = _opt(None, "use only the first N test samples (smoke runs)")
-    synthetic_train_size: int = _opt(6000, "training samples in the synthetic data set")
-    synthetic_test_size: int = _opt(1000, "test samples in the synthetic data set")
+                        choices=("fashion-mnist", "fashion-mnist-sample", "synthetic"),
+                        takes=("evaluate", "lr-find"),
+                        resume=refused("the data position refers to the checkpoint's data set"))
+    data_dir: str = _opt("./data", "folder holding FashionMNIST/raw/*-ubyte (torchvision layout)",
+                         takes=("evaluate", "lr-find"), history=False)
+    download: bool = _opt(True, "download Fashion-MNIST with torchvision when the files are missing",
+                          takes=("evaluate", "lr-find"), history=False)
+    limit_train: int | None = _opt(None, "use only the first N training samples (smoke runs)",
+                                   takes=("evaluate", "lr-find"),
+                                   resume=refused("the data position refers to the checkpoint's training samples"))
+    limit_test: int | None = _opt(None, "use only the first N test samples (smoke runs)",
+                                  takes=("evaluate",), resume=refused("the test set would not be the checkpoint's"))
+    synthetic_train_size: int = _opt(6000, "training samples in the synthetic data set",
+                                     takes=("evaluate", "lr-find"),
+                                     resume=refused("the data position refers to the checkpoint's data set"))
+    synthetic_test_size: int = _opt(1000, "test samples in the synthetic data set",
+                                    takes=("evaluate", "lr-find"),
+                                    resume=refused("the test set would not be the checkpoint's"))
     pipeline: str = _opt("device", "input pipeline: device (uint8 batches, resize/normalize on the accelerator) "
                          "or torchvision (the tutorial's per-image PIL Resize + ToTensor in workers)",
-                         choices=("device", "torchvision"))
+                         choices=("device", "torchvision"), takes=("evaluate", "lr-find"))
     num_workers: int = _opt(2, "DataLoader worker processes for the torchvision pipeline (the device "
-                            "pipeline indexes an in-memory tensor and needs none)")
-    image_size: int = _opt(224, "side in pixels after resizing the 28x28 images (>= 64)")
+                            "pipeline indexes an in-memory tensor and needs none)",
+                            takes=("evaluate", "lr-find", "benchmark"), history=False)
+    image_size: int = _opt(224, "side in pixels after resizing the 28x28 images (>= 64)",
+                           takes=("lr-find", "benchmark", "scaling-model"),
+                           resume=refused("the model learned from images of the checkpoint's size"))
     augment: bool = _opt(False, "random crop (2-pixel zero padding) and horizontal flip of the training "
                          "images, as batch ops on the device; each sample's choice is fixed by (seed, epoch, "
-                         "sample index); device pipeline only")
+                         "sample index); device pipeline only", takes=("lr-find", "benchmark"))
     random_erasing: float = _opt(0.0, "probability per training image of erasing a random rectangle (torchvision's "
                                  "RandomErasing: 2-33%% of the area, aspect ratio 0.3-3.3) to 0 after normalization, "
-                                 "the mean pixel; fixed by (seed, epoch, sample index) like --augment")
+                                 "the mean pixel; fixed by (seed, epoch, sample index) like --augment",
+                                 takes=("lr-find",))
     # --- model ---
     model_width: float = _opt(1.0, "fraction of AlexNet's channel and hidden widths; 1.0 is the real "
-                              "58,299,082-parameter model, smaller values make quick test models")
-    dropout: float = _opt(0.5, "dropout probability of the two hidden linear layers")
+                              "58,299,082-parameter model, smaller values make quick test models",
+                              takes=("lr-find", "benchmark", "scaling-model"),
+                              resume=refused("the weights have the checkpoint's shapes"))
+    dropout: float = _opt(0.5, "dropout probability of the two hidden linear layers", takes=("lr-find",))
     # --- batches ---
     batch_size: int | None = _opt(None, "samples per process per micro-batch (128 unless --global-batch-size "
-                                  "is given): more processes, a bigger global batch")
+                                  "is given): more processes, a bigger global batch",
+                                  takes=("evaluate", "lr-find", "benchmark", "scaling-model"))
     global_batch_size: int | None = _opt(None, "samples per optimizer step over all processes and "
                                          "--grad-accum micro-batches, instead of --batch-size: the same "
                                          "optimization on any number of processes (it must divide by "
-                                         "processes x --grad-accum)")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+                                         "processes x --grad-accum)", takes=("lr-find",))
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", takes=("lr-find",))
     # --- optimization ---
     epochs: int = _opt(3, "passes over the training set; the learning-rate schedule follows this")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps; changes nothing else (the "
-                                 "learning-rate schedule still follows --epochs)")
-    optimizer: str = _opt("adam", "adam, adamw (decoupled weight decay) or sgd", choices=("adam", "adamw", "sgd"))
+                                 "learning-rate schedule still follows --epochs)", history=False)
+    optimizer: str = _opt("adam", "adam, adamw (decoupled weight decay) or sgd", choices=("adam", "adamw", "sgd"),
+                          takes=("lr-find",),
+                          resume=refused("the optimizer's saved state belongs to the checkpoint's optimizer"))
     lr: float = _opt(1e-3, "peak learning rate (after any warmup), before --lr-scaling")
     lr_scaling: str = _opt("none", "scale --lr from --lr-reference-batch to the run's global batch: linear "
-                           "(Goyal et al. 2017), sqrt, or none", choices=("none", "linear", "sqrt"))
-    lr_reference_batch: int = _opt(128, "the global batch --lr is meant for (the reference run's 128)")
+                           "(Goyal et al. 2017), sqrt, or none", choices=("none", "linear", "sqrt"), takes=("lr-find",))
+    lr_reference_batch: int = _opt(128, "the global batch --lr is meant for (the reference run's 128)",
+                                   takes=("lr-find",))
     lr_schedule: str = _opt("constant", "after the warmup: constant, cosine (to --min-lr at the last step of "
                             "--epochs), or onecycle (a cosine rise from lr/25 over the warmup, 30%% of the run "
                             "by default, then a cosine fall to --min-lr)", choices=("constant", "cosine", "onecycle"))
     warmup_steps: int | None = _opt(None, "optimizer steps of linear warmup from 0 to --lr")
     warmup_epochs: float | None = _opt(None, "warmup length in epochs, instead of --warmup-steps")
     min_lr: float = _opt(0.0, "learning rate at the end of a cosine or onecycle schedule")
-    momentum: float | None = _opt(None, "SGD momentum (0.9 unless given; sgd only)")
-    nesterov: bool = _opt(False, "Nesterov momentum (sgd only)")
+    momentum: float | None = _opt(None, "SGD momentum (0.9 unless given; sgd only)", takes=("lr-find",))
+    nesterov: bool = _opt(False, "Nesterov momentum (sgd only)", takes=("lr-find",))
     optimizer_implementation: str = _opt("auto", "auto (fused wherever torch has a fused kernel for the device: "
                                          "CPU and CUDA; else foreach), fused or foreach",
-                                         choices=("auto", "fused", "foreach"))
+                                         choices=("auto", "fused", "foreach"), takes=("lr-find",))
     weight_decay: float = _opt(0.0, "weight decay: L2 penalty in the gradient for adam and sgd, decoupled "
-                               "for adamw")
+                               "for adamw", takes=("lr-find",))
     grad_clip: float | None = _opt(None, "clip the gradient's global L2 norm to this (train/grad_norm is the "
-                                   "norm before clipping)")
+                                   "norm before clipping)", takes=("lr-find",))
     label_smoothing: float = _opt(0.0, "label smoothing of the training loss (the test loss is plain "
-                                  "cross-entropy)")
+                                  "cross-entropy)", takes=("lr-find",))
     ema_decay: float | None = _opt(None, "keep an exponential moving average of the weights with this decay "
                                    "per optimizer step (e.g. 0.999); evaluated, checkpointed and exported "
                                    "instead of the weights")
     mixed_precision: str | None = _opt(None, "no, fp16 (CUDA only) or bf16; unset = the accelerate launch "
-                                       "config's choice, else no", choices=("no", "fp16", "bf16"))
-    seed: int = _opt(0, "seed for data order, weights and dropout")
+                                       "config's choice, else no", choices=("no", "fp16", "bf16"),
+                                       takes=("evaluate", "lr-find", "benchmark", "scaling-model"))
+    seed: int = _opt(0, "seed for data order, weights and dropout",
+                     takes=("lr-find", "benchmark"),
+                     resume=refused_mid_epoch("the rest of the epoch would be drawn in another order "
+                                              "(samples seen twice or never)"))
     # --- speed (channels_last and cudnn.benchmark are always on with CUDA) ---
-    compile: bool = _opt(False, "torch.compile the model; the first steps are slow while it compiles")
+    compile: bool = _opt(False, "torch.compile the model; the first steps are slow while it compiles",
+                         takes=("lr-find", "benchmark"))
     ddp_bucket_mb: int = _opt(25, "DDP gradient bucket size in MB (PyTorch's default); a layer bigger than a "
-                              "bucket gets one of its own, as AlexNet's 151 and 67 MB linear layers do")
+                              "bucket gets one of its own, as AlexNet's 151 and 67 MB linear layers do",
+                              takes=("lr-find",))
     ddp_gradient_as_bucket_view: bool = _opt(True, "gradients live in DDP's all-reduce buckets: saves one "
-                                             "gradient-sized copy per step and its memory (233 MB for AlexNet)")
+                                             "gradient-sized copy per step and its memory (233 MB for AlexNet)",
+                                             takes=("lr-find",))
     ddp_comm_hook: str = _opt("none", "compress gradients to bf16 or fp16 for the all-reduce (half the bytes "
-                              "sent, then back to fp32); none sends fp32", choices=("none", "bf16", "fp16"))
+                              "sent, then back to fp32); none sends fp32", choices=("none", "bf16", "fp16"),
+                              takes=("lr-find",))
     parallelism: str = _opt("ddp", "ddp: every rank holds the whole model and all-reduces all gradients; hybrid: "
                             "the convolutions data-parallel, the classifier split over --tensor-parallel-size ranks "
                             "(Krizhevsky's 'one weird trick'): far fewer bytes per step (README: Scaling); fsdp: "
@@ -119,32 +179,36 @@ class TrainConfig:
     straggler_factor: float = _opt(1.5, "warn, naming the rank, when a rank's local work per step is this many "
                                    "times the fastest rank's at 3 log points in a row; 0 turns it off")
     # --- run directory, checkpoints, logging ---
-    output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>")
+    output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>", takes=("lr-find",), history=False)
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, or a "
-                       "checkpoint directory")
+                       "checkpoint directory", resume=SILENT, history=False)
     checkpoint_every: int | None = _opt(None, "optimizer steps between checkpoints (plus one at every "
-                                        "epoch end and at exit)")
-    keep_checkpoints: int = _opt(3, "newest K checkpoints kept (K >= 2), plus the best by test accuracy")
+                                        "epoch end and at exit)", history=False)
+    keep_checkpoints: int = _opt(3, "newest K checkpoints kept (K >= 2), plus the best by test accuracy", history=False)
     checkpoint_minutes: float | None = _opt(None, "also checkpoint whenever this many minutes of training have "
-                                            "passed since the last checkpoint (rank 0's clock)")
+                                            "passed since the last checkpoint (rank 0's clock)", history=False)
     requeue_on_preempt: bool | None = _opt(None, "after a preemption signal (SIGUSR1/SIGTERM) and its checkpoint, "
-                                           "requeue the Slurm job with scontrol; unset = on inside a Slurm job")
+                                           "requeue the Slurm job with scontrol; unset = on inside a Slurm job",
+                                           history=False)
     collective_timeout: float = _opt(600.0, "seconds a rank waits in a collective (gradient all-reduce, stop "
                                      "check, checkpoint) or for the others to join before it stops with one line "
-                                     "naming the likely cause; PyTorch's default is 1800")
+                                     "naming the likely cause; PyTorch's default is 1800",
+                                     takes=("lr-find",), history=False)
     move_old_checkpoints: bool = _opt(False, "when --resume none (or an older --resume PATH) meets a run directory "
                                       "holding newer checkpoints, move the old run's checkpoints, events and results "
-                                      "to <output-dir>/old-<time>/ instead of refusing")
-    log_every: int = _opt(50, "optimizer steps between log lines and TensorBoard points")
+                                      "to <output-dir>/old-<time>/ instead of refusing", resume=SILENT, history=False)
+    log_every: int = _opt(50, "optimizer steps between log lines and TensorBoard points", takes=("lr-find",))
     tracker_timeout: float = _opt(30.0, "seconds MLflow or W&B may take to answer while their run starts; one that "
-                                  "does not stops the run with one line naming where it was to write")
+                                  "does not stops the run with one line naming where it was to write",
+                                  resume=SILENT, history=False)
     report_to: str = _opt("tensorboard", "where the training figures go: tensorboard, mlflow, wandb, all or none, "
-                          "or a comma list (mlflow and wandb are extras: pip install 'dist-alexnet[mlflow]')")
+                          "or a comma list (mlflow and wandb are extras: pip install 'dist-alexnet[mlflow]')",
+                          history=False)
     profile_steps: str | None = _opt(None, "A:B: profile optimizer steps A to B with torch.profiler on every rank; "
-                                     "a Chrome/Perfetto trace per rank in <output-dir>/profile/")
+                                     "a Chrome/Perfetto trace per rank in <output-dir>/profile/", history=False)
     log_figures: bool = _opt(True, "after each evaluation, draw the confusion matrix, per-class accuracy and "
                              "misclassified test images into TensorBoard (and the report); matplotlib takes "
-                             "1-2 s of rank 0's CPU per evaluation")
+                             "1-2 s of rank 0's CPU per evaluation", history=False)
 
     def __post_init__(self):
         if self.batch_size is None and self.global_batch_size is None:
@@ -384,30 +448,6 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return values
 
 
-# The options that choose the data and how it is batched: `evaluate` takes these from the command line
-# (over the checkpoint's own values); the rest of an evaluation's config comes from the checkpoint.
-DATA_OPTIONS = ("dataset", "data_dir", "download", "limit_train", "limit_test", "synthetic_train_size",
-                "synthetic_test_size", "pipeline", "num_workers", "batch_size", "mixed_precision")
-# The train options lr-find takes (with --config): what chooses the data, the model, the batch, the optimizer
-# and the processes' set-up. --lr, the schedule, the evaluation and the checkpoints have no meaning there;
-# --lr-scaling and --lr-reference-batch only turn the suggestion into the --lr to give train with them;
-# --log-every: steps between progress lines.
-LR_FIND_OPTIONS = (
-    "dataset", "data_dir", "download", "limit_train", "synthetic_train_size", "synthetic_test_size", "pipeline",
-    "num_workers", "image_size", "augment", "random_erasing", "model_width", "dropout", "batch_size",
-    "global_batch_size", "grad_accum", "optimizer", "momentum", "nesterov", "optimizer_implementation",
-    "weight_decay", "grad_clip", "label_smoothing", "mixed_precision", "seed", "compile", "ddp_bucket_mb",
-    "ddp_gradient_as_bucket_view", "ddp_comm_hook", "collective_timeout", "lr_scaling", "lr_reference_batch",
-    "output_dir", "log_every",
-)
-# The train options `benchmark` takes: what it measures the step of (its --global-batch-size, --parallelism and
-# the DDP options are its own: lists of variants, for --processes).
-BENCHMARK_OPTIONS = ("image_size", "batch_size", "mixed_precision", "compile", "augment", "num_workers",
-                     "model_width", "seed")
-# The train options `scaling-model --measure` measures a step with (--image-size also sizes the assumed step).
-SCALING_MODEL_OPTIONS = ("image_size", "batch_size", "mixed_precision", "model_width")
-
-
 def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
                   overrides: dict[str, dict] | None = None) -> None:
     """One --flag per TrainConfig field (or per field named in `only`, then without --config), with the field's
@@ -443,34 +483,18 @@ def config_from_args(args: argparse.Namespace, only: tuple[str, ...] | None = No
     return cfg.validate() if validate else cfg
 
 
-# What a resume does with an option whose value differs from the checkpoint's: it applies from the resumed step
-# on, and the log says so, except for these, which would change what the checkpoint's state means:
-REFUSED_ON_RESUME = {
-    "model_width": "the weights have the checkpoint's shapes",
-    "image_size": "the model learned from images of the checkpoint's size",
-    "optimizer": "the optimizer's saved state belongs to the checkpoint's optimizer",
-    "dataset": "the data position refers to the checkpoint's data set",
-    "synthetic_train_size": "the data position refers to the checkpoint's data set",
-    "synthetic_test_size": "the test set would not be the checkpoint's",
-    "limit_train": "the data position refers to the checkpoint's training samples",
-    "limit_test": "the test set would not be the checkpoint's",
-}
-# --seed orders every epoch: changed inside one, some samples would be seen twice and others never
-REFUSED_MID_EPOCH = {"seed": "the rest of the epoch would be drawn in another order (samples seen twice or never)"}
-SILENT_ON_RESUME = ("resume", "move_old_checkpoints", "tracker_timeout")  # how this launch starts, not the run
-
-
 def resume_changes(saved: dict, cfg: TrainConfig, mid_epoch: bool, checkpoint) -> list[str]:
     """Compare this run's options with those `checkpoint` was trained with (`saved`): a log line for each that
     applies from here on; ConfigError for one a resume cannot take, saying how to go on."""
     current = cfg.to_dict()
+    rules = {f.name: f.metadata["resume"] for f in dataclasses.fields(TrainConfig)}
     changed = {name: (saved[name], current[name]) for name in current
-               if name in saved and saved[name] != current[name] and name not in SILENT_ON_RESUME}
-    refused = {**REFUSED_ON_RESUME, **(REFUSED_MID_EPOCH if mid_epoch else {})}
+               if name in saved and saved[name] != current[name] and rules[name] != SILENT}
     for name, (old, new) in changed.items():
-        if name in refused:
+        kind, why = rules[name] if isinstance(rules[name], tuple) else (rules[name], None)
+        if kind == "refused" or (kind == "refused mid-epoch" and mid_epoch):
             old_flag = f"--{_flag(name)} {old}" if old is not None else f"no --{_flag(name)}"
-            raise ConfigError(f"--{_flag(name)} is {new} but {checkpoint} was trained with {old}: {refused[name]}; "
+            raise ConfigError(f"--{_flag(name)} is {new} but {checkpoint} was trained with {old}: {why}; "
                               f"resume with {old_flag}, or start a new run in another --output-dir")
     return [f"--{_flag(name)} {old} -> {new}" for name, (old, new) in changed.items()]
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch.utils.tensorboard import SummaryWriter
 
-from dist_alexnet.config import LR_FIND_OPTIONS, TrainConfig
+from dist_alexnet.config import TrainConfig, options_for
 from dist_alexnet.datasets import load_data_on_every_rank
 from dist_alexnet.distributed import make_accelerator, on_main_process
 from dist_alexnet.errors import ConfigError
@@ -79,7 +79,7 @@ def lr_find(cfg: TrainConfig, sweep: Sweep, json_path: str | None = None) -> dic
                   "lrs": lrs, "losses": losses, "smoothed_losses": smoothed}
         # the --lr that gives train the suggested learning rate at this global batch under the config's --lr-scaling
         result["suggested_lr_option"] = result["suggested_lr"] * cfg.lr / batch.lr(cfg)
-        result["config"] = {name: getattr(cfg, name) for name in LR_FIND_OPTIONS}
+        result["config"] = {name: getattr(cfg, name) for name in options_for("lr-find")}
         on_main_process(accelerator, lambda: write_outputs(out, result, json_path), "writing the lr-find results")
     finally:
         if lock is not None:

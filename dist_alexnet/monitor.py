@@ -32,6 +32,7 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.plugins.text.summary_v2 import text_pb
 from torchvision.utils import make_grid
 
+from dist_alexnet.config import figures_depend_on
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
 from dist_alexnet.errors import ConfigError, Interrupted, first_line
@@ -183,16 +184,10 @@ def open_trackers(accelerator, cfg, run_dir: Path, start_step: int, log=print) -
     on_main_process(accelerator, start, "starting the trackers")
 
 
-# Options that change nothing the trackers are sent: a resume with other values of these recomputes the same
-# figures, so MLflow and W&B keep the steps they already have.
-NOT_IN_THE_HISTORY = ("resume", "move_old_checkpoints", "tracker_timeout", "max_steps", "output_dir", "report_to",
-                      "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "requeue_on_preempt",
-                      "collective_timeout", "log_figures", "profile_steps", "data_dir", "download", "num_workers")
-
-
 def history_options(cfg, world_size: int) -> dict:
-    """What the figures sent to the trackers depend on: the options (less NOT_IN_THE_HISTORY) and the processes."""
-    options = {key: value for key, value in cfg.to_dict().items() if key not in NOT_IN_THE_HISTORY}
+    """What the figures sent to the trackers depend on: the options marked so in TrainConfig (history=True) and
+    the processes."""
+    options = {key: value for key, value in cfg.to_dict().items() if key in figures_depend_on()}
     return {**options, "world_size": world_size}
 
 

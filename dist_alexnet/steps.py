@@ -30,8 +30,6 @@ class StepAsks:
     stop_requested: bool = False  # this rank got a preemption signal
     checkpoint_due: bool = False  # this rank's clock says a checkpoint is due (--checkpoint-minutes)
     measure_grad_norm: bool = False  # a log point: measure the gradient's norm
-    poison: bool = False  # make the loss NaN (a test hook)
-    delay_seconds: float | None = None  # sleep before the forward pass (a test hook: a slow rank)
 
 
 @dataclass(frozen=True)
@@ -53,14 +51,10 @@ class TrainStep:
         micro-batches of a gradient-accumulation group."""
         accelerator, end = self.accelerator, None
         started = time.perf_counter()
-        if asks.delay_seconds:
-            time.sleep(asks.delay_seconds)
         with accelerator.accumulate(self.model):
             logits = self.model(inputs)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
             self.stats.local_seconds += time.perf_counter() - started  # (host time: launch time on CUDA)
-            if asks.poison:
-                loss = loss * float("nan")
             self.stats.add(loss, logits, labels)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

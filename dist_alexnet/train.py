@@ -54,8 +54,8 @@ def train(cfg: TrainConfig, preemption: PreemptionFlag | None = None) -> dict:
             parts = set_up(cfg, held)
             state, resumed_from = restore(parts)
             run = start(parts, state, resumed_from)
-            return fit(run, state, preemption, held.enter_context(DebugHooks(run.accelerator.process_index)),
-                       started)
+            hooks = held.enter_context(DebugHooks(run.accelerator.process_index, run.model))
+            return fit(run, state, preemption, hooks, started)
         except RuntimeError as err:  # another rank died or hung: one line here, not a watchdog's trace
             if parts is None or not is_collective_failure(err):
                 raise
@@ -289,16 +289,14 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
     for batch in run.stats.timed(run.train_loader):
         step = state.step + 1  # the optimizer step this micro-batch belongs to
         run.profiler.before(step)
-        hooks.record_samples(state.epoch, step, batch)
-        hooks.signal_before(step)
+        hooks.before_micro_batch(state.epoch, step, batch)
         run.monitor.show_inputs(batch, state.epoch, state.step)
         set_learning_rate(run.optimizer, run.lr_schedule.lr(state.applied_steps))
         inputs, labels = training_input(batch, run.cfg, state.epoch)
         end = run.train_step(inputs, labels, StepAsks(
             stop_requested=preemption.received is not None,
             checkpoint_due=run.schedule.checkpoint_due(time.monotonic() - run.last_save),
-            measure_grad_norm=run.schedule.should_log(step), poison=hooks.poisons(step),
-            delay_seconds=hooks.slow_seconds))
+            measure_grad_norm=run.schedule.should_log(step)))
         state.position += run.batch.micro_samples
         if end is None:  # inside a gradient-accumulation group
             continue
@@ -311,7 +309,7 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
             if run.ema is not None:
                 run.ema.update()
         run.progress.step_done()
-        hooks.perturb(step, run.parallel.replicated_parameters(run.model))
+        hooks.after_step(step, run.parallel.replicated_parameters(run.model))
         if run.cfg.consistency_every and step % run.cfg.consistency_every == 0:
             check_replicas_agree(run.accelerator, run.parallel, run.model, step)
         if run.schedule.should_log(step):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from dist_alexnet.config import BENCHMARK_OPTIONS, ConfigError, TrainConfig, config_from_args
+from dist_alexnet.config import ConfigError, TrainConfig, config_from_args, options_for
 from dist_alexnet.datasets import Split
 from dist_alexnet.distributed import make_accelerator
 from dist_alexnet.device import use_cuda
@@ -368,7 +368,7 @@ def main(args) -> int:
         problems.append(f"--peak-tflops must be a positive number (got {args.peak_tflops})")
     problems += scaling_problems(args)
     try:
-        cfg = config_from_args(args, only=BENCHMARK_OPTIONS)
+        cfg = config_from_args(args, only=options_for("benchmark"))
     except ConfigError as err:
         problems += str(err).splitlines()
     if problems:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dist_alexnet.config import SCALING_MODEL_OPTIONS, TrainConfig, config_from_args
+from dist_alexnet.config import TrainConfig, config_from_args, options_for
 from dist_alexnet.device import default_device
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import AlexNet, build_model
@@ -166,8 +166,8 @@ def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_l
     - the classifier's exchange in the tensor-parallel group (`tp_link`), blocking, forward and backward alike:
       an all-gather of the group's features (T x B x 9216 activations) and a reduce-scatter of fc2's partial
       sums (T x B x 4096), each `activation_bytes` per value;
-    - the plan's gradient all-reduce (the shards and fc2's bias) across the n / T groups (`dp_link`), started when backward has finished
-      the classifier, then DDP's buckets of the replicated parameters over all n ranks (`world_link`), on one
+    - the plan's gradient all-reduce (the shards and fc2's bias) across the n / T groups (`dp_link`), started
+      when backward has finished the classifier, then DDP's buckets of the replicated parameters over all n ranks (`world_link`), on one
       stream as in predict_step; what ends after backward is exposed (all of it without `overlap`)."""
     numel = dict(profile.sizes)
     groups = n // tensor_parallel
@@ -407,7 +407,7 @@ def main(args) -> int:
     """The `dist-alexnet scaling-model` subcommand (flags in cli.py)."""
     if args.profile and args.measure:
         raise ConfigError("--profile and --measure: give one of them")
-    cfg = config_from_args(args, only=SCALING_MODEL_OPTIONS)  # the step: train's checks of its options
+    cfg = config_from_args(args, only=options_for("scaling-model"))  # the step: train's checks of its options
     if args.measure:
         profile = measured_profile(cfg.batch_size, cfg.image_size, cfg.mixed_precision, cfg.model_width)
     elif args.profile:
