@@ -84,8 +84,8 @@ def test_a_sharded_run_resumes_exactly_and_its_checkpoints_move_to_and_from_ddp(
     checkpoint resumed by one ddp process, and a one-process ddp checkpoint resumed by two hybrid (fsdp)
     processes, take the step the checkpoint's own layout takes from it (to float32 rounding: the sums are taken
     in another order), with the schedule's learning rate and Adam's moments and step count carried over."""
-    recipe = [*RECIPE, "--global-batch-size", "32", "--dropout", "0"]
-    stop, end = 39, ["--max-steps", "42"]  # in the second epoch (32 steps each)
+    recipe = [*RECIPE, "--global-batch-size", "32", "--dropout", "0", "--limit-train", "512"]
+    stop, end = 19, ["--max-steps", "21"]  # in the second epoch (16 steps each)
     sharded, whole = ["--parallelism", mode], tmp_path / "whole"
     train_tiny(whole, data_dir, *recipe, *sharded, *end, processes=2)
     cut = tmp_path / "cut"
