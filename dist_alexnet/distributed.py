@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import traceback
 from datetime import timedelta
 
 import torch
@@ -57,7 +56,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # NCCL's watchdog: on a timed-out collective abort the communicators but leave the process alive (2, CleanUpOnly,
     # instead of torch's default 3, which kills the process from the watchdog thread without a word), so that the
-    # waiting rank raises and is_collective_failure / collective_failed turn it into one line naming the collective;
+    # waiting rank raises and is_collective_failure / collective_failed turn it into one line naming its phase;
     # and dump the flight recorder's ring of recent collectives (README: Crashes and hangs). A user's setting wins.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
@@ -97,23 +96,18 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 # ----------------------------------------------------------------------------- when another rank is gone
 
-# What a rank was doing when a collective failed: the innermost of these functions on its stack.
-COLLECTIVE_PLACES = {
-    "agree_on_step_end": "the per-step stop check",
-    "clip_grad_norm_": "a training step",
-    "backward": "a training step's gradient all-reduce",
-    "_all_gather": "the classifier's tensor-parallel exchange (--parallelism hybrid)",
-    "_reduce_scatter": "the classifier's tensor-parallel exchange (--parallelism hybrid)",
-    "after_backward": "the classifier shards' gradient all-reduce (--parallelism hybrid)",
-    "collect": "gathering a log point's figures",
-    "pending": "gathering the training sums for a checkpoint",
-    "save": "saving a checkpoint",
-    "evaluate": "the evaluation",
-    "on_main_process": "sharing the outcome of rank 0's file writes",
-    "raise_if_any_rank_failed": "waiting for the data to load",
-    "finish": "the end of the run",
-    "check_replicas_agree": "the ranks' weight consistency check",
-}
+@contextlib.contextmanager
+def phase(what: str):
+    """The trainer says what this rank is doing (`with phase("the evaluation"):`). An error that leaves the block
+    carries the innermost phase it left (error.phase), which the one line of a failed collective names: what
+    the rank was doing, not which function happened to be on the stack."""
+    try:
+        yield
+    except BaseException as error:
+        if not hasattr(error, "phase"):
+            with contextlib.suppress(AttributeError):  # (a few built-in exceptions take no attributes)
+                error.phase = what
+        raise
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -128,8 +122,7 @@ def is_collective_failure(error: BaseException) -> bool:
 
 def collective_failed(error: BaseException, accelerator: Accelerator, step: int, timeout: float) -> CollectiveFailed:
     """One line for a rank whose collective failed: where it was, the likely cause, what happens next."""
-    frames = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
-    place = next((COLLECTIVE_PLACES[name] for name in reversed(frames) if name in COLLECTIVE_PLACES), "a collective")
+    place = getattr(error, "phase", "a collective")
     timed_out = "imed out" in str(error)
     cause = (f"no answer from another rank within --collective-timeout {timeout:g} s: a rank hung (a stuck file "
              f"system, a hung GPU, SIGSTOP) or its node was lost" if timed_out else
@@ -162,7 +155,8 @@ def on_main_process(accelerator: Accelerator, function, doing: str):
             error = err
     if accelerator.num_processes > 1:
         shared = [(value, _shareable(error, 0, doing) if error else None)]
-        broadcast_object_list(shared, from_process=0)
+        with phase(f"waiting for rank 0 ({doing})"):
+            broadcast_object_list(shared, from_process=0)
         if error is None:
             value, error = shared[0]
     if error is not None:
@@ -173,7 +167,8 @@ def on_main_process(accelerator: Accelerator, function, doing: str):
 def raise_if_any_rank_failed(accelerator: Accelerator, error: Exception | None, doing: str) -> None:
     """Every rank calls it, with its own error or None: if any rank failed, every rank raises (its own
     error, else the first failing rank's)."""
-    errors = gather_object([_shareable(error, accelerator.process_index, doing) if error else None])
+    with phase(doing):
+        errors = gather_object([_shareable(error, accelerator.process_index, doing) if error else None])
     if error is not None:
         raise error
     failed = [e for e in errors if e is not None]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dist_alexnet.distributed import phase
 from dist_alexnet.errors import ReplicasDiverged
 
 
@@ -24,6 +25,7 @@ def parameter_checksums(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.stack([p.sum(), p.abs().sum()]) for p in flat]).flatten()
 
 
+@phase("the ranks' weight consistency check")
 def check_replicas_agree(accelerator, parallel, model, step: int) -> None:
     """Every rank calls it: the replicated parameters' checksums gathered to every rank and compared with rank 0's;
     a difference stops every rank with one line naming the first rank and tensor that differ."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from dist_alexnet.distributed import phase
 from dist_alexnet.inputs import to_model_input
 from dist_alexnet.parallel import DataParallel
 from dist_alexnet.stats import StepStats
@@ -51,14 +52,15 @@ class TrainStep:
         micro-batches of a gradient-accumulation group."""
         accelerator, end = self.accelerator, None
         started = time.perf_counter()
-        with accelerator.accumulate(self.model):
+        with accelerator.accumulate(self.model), phase("a training step (forward, backward, their collectives)"):
             logits = self.model(inputs)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
             self.stats.local_seconds += time.perf_counter() - started  # (host time: launch time on CUDA)
             self.stats.add(loss, logits, labels)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                self.parallel.after_backward(self.model)
+                with phase(f"the {self.parallel.name} gradient exchange after backward"):
+                    self.parallel.after_backward(self.model)
                 end = agree_on_step_end(accelerator, self.stats.take_nonfinite(), asks.stop_requested,
                                         asks.checkpoint_due)
                 if self.grad_clip is not None:
@@ -73,6 +75,7 @@ class TrainStep:
         return end
 
 
+@phase("the per-step stop check")
 def agree_on_step_end(accelerator: Accelerator, nonfinite: torch.Tensor, stop_requested: bool,
                       checkpoint_due: bool = False) -> StepEnd:
     """The stop check: each rank's [non-finite losses in this step, stop requested, checkpoint due by its

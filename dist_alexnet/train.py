@@ -22,7 +22,8 @@ from dist_alexnet.checkpoint import Expected, checkpoint_step, find_resume_check
 from dist_alexnet.config import TrainConfig, resume_changes, save_yaml
 from dist_alexnet.datasets import Split, load_data_on_every_rank
 from dist_alexnet.debug_hooks import DebugHooks
-from dist_alexnet.distributed import collective_failed, is_collective_failure, make_accelerator, on_main_process
+from dist_alexnet.distributed import (collective_failed, is_collective_failure, make_accelerator, on_main_process,
+                                      phase)
 from dist_alexnet.errors import ConfigError, TrainingDiverged
 from dist_alexnet.health import StragglerWatch, check_replicas_agree
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
@@ -328,6 +329,7 @@ def train_epoch(run: Run, state: TrainState, preemption: PreemptionFlag, hooks: 
     return outcome
 
 
+@phase("gathering a log point's figures")
 def log_training(run: Run, state: TrainState, grad_norm: torch.Tensor) -> None:
     """A log point, on every rank: the training figures since the previous one, global over all ranks."""
     values = run.stats.collect(state.step)
@@ -350,6 +352,7 @@ def stop_on_nonfinite_loss(run: Run, step: int, ranks: list[int]) -> None:
     raise TrainingDiverged(message)
 
 
+@phase("the evaluation")
 def evaluate_run(run: Run) -> dict:
     """Exact evaluation of the model on the whole test set; with --ema-decay, of the weight average, and
     the weights' own accuracy and loss as raw_test_acc and raw_test_loss."""
@@ -373,6 +376,7 @@ def evaluate_and_log(run: Run, state: TrainState) -> dict:
     return results
 
 
+@phase("saving a checkpoint")
 def save(run: Run, state: TrainState, test_acc: float | None = None) -> Path:
     """Checkpoint the state at its step, with `test_acc` when the step was just evaluated. Every rank calls it:
     the RNG states and the pending training sums are gathered, rank 0 writes, every rank gets the path or
@@ -414,6 +418,7 @@ def stop_for_preemption(run: Run, state: TrainState, preemption: PreemptionFlag)
     return {"preempted": True, "steps": state.step, "checkpoint": str(path)}
 
 
+@phase("the end of the run")
 def finish(run: Run, state: TrainState, results: dict, started: float) -> dict:
     """The final metrics: metrics.json, the report and TensorBoard's summary, written by rank 0; returned on
     every rank."""

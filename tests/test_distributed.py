@@ -35,3 +35,27 @@ def test_launch_config_file_for_two_cpu_processes(tmp_path, data_dir):
         launcher=accelerate_with("launch/accelerate/cpu_2proc.yaml", "--main_process_port", str(free_port())))
     m = metrics(tmp_path / "run")
     assert m["world_size"] == 2 and m["steps"] == 3 and m["test_samples"] == TEST_SAMPLES
+
+
+def test_a_failed_collective_is_named_by_the_phase_the_trainer_was_in():
+    """The one line names what the rank was doing as the trainer declared it (the innermost phase), whatever the
+    functions on the stack are called; the cause follows from the error's kind (a timeout or a lost peer)."""
+    from types import SimpleNamespace
+
+    from dist_alexnet.distributed import collective_failed, phase
+
+    @phase("saving a checkpoint")
+    def save():
+        with phase("waiting for rank 0 (writing a checkpoint)"):
+            raise RuntimeError("[gloo] Timed out waiting 10000ms for recv operation to complete")
+
+    with pytest.raises(RuntimeError) as caught:
+        with phase("the end of the run"):
+            save()
+    line = str(collective_failed(caught.value, SimpleNamespace(process_index=1), step=7, timeout=10))
+    assert line.startswith("rank 1: waiting for rank 0 (writing a checkpoint) failed after step 7")
+    assert "no answer from another rank within --collective-timeout 10 s" in line
+    lost = RuntimeError("Connection closed by peer")
+    assert "another rank's process died" in str(collective_failed(lost, SimpleNamespace(process_index=0), 3, 10))
+    assert "rank 0: a collective failed after step 3" in str(collective_failed(lost, SimpleNamespace(process_index=0),
+                                                                                 3, 10))
