@@ -359,21 +359,38 @@ def checkpoint_file(checkpoint: Path, key: str) -> Path:
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str, log, expected: Expected | None = None
                            ) -> dict | None:
-    """--resume none: nothing. PATH: that checkpoint (an error if it is bad). auto: the newest complete and
-    valid checkpoint of the run, falling back to older ones (with a warning) when it is corrupt."""
+    """--resume none: nothing. PATH: that checkpoint (an error if it is bad), or, for a run directory, its newest
+    valid checkpoint. auto: the newest complete and valid checkpoint of this run, falling back to older ones (with
+    a warning) when it is corrupt. A run directory that holds checkpoints of which none can be resumed is
+    refused, each named with its reason: starting afresh among them would mix two runs (and retention would
+    delete the new one's checkpoints)."""
     if resume == "none":
         return None
     if resume != "auto":
-        return load_checkpoint(Path(resume), expected)
+        path = Path(resume)
+        if not RunDir(path).checkpoints.is_dir():
+            return load_checkpoint(path, expected)
+        run_dir, log_prefix = path, f"--resume {path}: "
+        if not list_checkpoints(path):
+            raise CheckpointError(f"--resume {path}: the run directory holds no complete checkpoint")
+    else:
+        log_prefix = ""
     for leftover in half_written(run_dir):
         log(f"warning: ignoring half-written checkpoint {leftover} (an earlier run was interrupted while saving)")
+    problems = []
     for candidate in reversed(list_checkpoints(run_dir)):
         try:
             return load_checkpoint(candidate, expected)
         except IncompatibleCheckpoint:
             raise
         except CheckpointError as err:
-            log(f"warning: skipping checkpoint {candidate}: {err}; falling back to the previous one")
+            problems.append(f"{candidate.name}: {err}")
+            log(f"warning: {log_prefix}skipping checkpoint {candidate}: {err}; falling back to the previous one")
+    if problems:
+        raise CheckpointError(f"{log_prefix}none of the {len(problems)} checkpoint(s) in {RunDir(run_dir).checkpoints} "
+                              f"can be resumed ({'; '.join(problems)}); nothing was changed. Resume from a copy "
+                              f"you trust with --resume PATH, or start afresh here with --resume none "
+                              f"--move-old-checkpoints (the old run is moved aside, not deleted)")
     return None
 
 

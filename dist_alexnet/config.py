@@ -180,8 +180,8 @@ class TrainConfig:
                                    "times the fastest rank's at 3 log points in a row; 0 turns it off")
     # --- run directory, checkpoints, logging ---
     output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>", takes=("lr-find",), history=False)
-    resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, or a "
-                       "checkpoint directory", resume=SILENT, history=False)
+    resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, a checkpoint "
+                       "directory, or another run's directory (its newest complete checkpoint)", resume=SILENT, history=False)
     checkpoint_every: int | None = _opt(None, "optimizer steps between checkpoints (plus one at every "
                                         "epoch end and at exit)", history=False)
     keep_checkpoints: int = _opt(3, "newest K checkpoints kept (K >= 2), plus the best by test accuracy", history=False)

@@ -318,6 +318,28 @@ def test_damaged_checkpoint_contents_fall_back_or_are_one_line(damage, tmp_path,
     assert "resumed from" in auto.stdout and "at step 32" in auto.stdout and metrics(run_dir)["steps"] == 34
 
 
+def test_a_run_whose_checkpoints_are_all_damaged_is_refused_and_nothing_is_deleted(tmp_path, trained_run, data_dir):
+    """Never a fresh start among an old run's checkpoints (retention would then delete the new run's): one line
+    naming each checkpoint and why, and how to start afresh; every file left as it was."""
+    run_dir = resumable(trained_run, tmp_path)
+    for checkpoint in list_checkpoints(run_dir):
+        edit_state("applied_steps", -5)(checkpoint)
+    before = sorted(str(path) for path in run_dir.rglob("*"))
+    auto = train_tiny(run_dir, data_dir, "--epochs", "3", check=False)
+    assert auto.returncode == 2 and "Traceback" not in auto.stderr, auto.stderr
+    (line,) = [line for line in auto.stderr.splitlines() if line.startswith("dist-alexnet: error:")]
+    assert "none of the 2 checkpoint(s)" in line and "step_000032" in line and "step_000064" in line
+    assert "--resume none --move-old-checkpoints" in line
+    assert sorted(str(path) for path in run_dir.rglob("*")) == before
+
+
+def test_resume_from_a_run_directory_takes_its_newest_checkpoint(tmp_path, trained_run, data_dir):
+    """--resume RUN_DIR, as evaluate, predict and export accept a run directory."""
+    out = train_tiny(tmp_path / "next", data_dir, "--epochs", "3", "--max-steps", "65", "--resume", str(trained_run))
+    assert f"resumed from {list_checkpoints(trained_run)[-1]} at step 64" in out.stdout
+    assert metrics(tmp_path / "next")["steps"] == 65
+
+
 # ----------------------------------------------------------------------------- red team: results, early signals
 
 def test_rerunning_a_finished_run_keeps_strict_json_and_the_last_training_loss(tmp_path, trained_run, data_dir):
