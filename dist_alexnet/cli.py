@@ -7,6 +7,7 @@ a preemption signal must already be caught."""
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import os
@@ -22,6 +23,7 @@ from dist_alexnet.preemption import PreemptionFlag
 
 # Errors that end the command with one clear line (and their exit code), no traceback.
 ONE_LINE_ERRORS = tuple(EXIT_CODES)
+CLOSED_STDOUT = 141  # what a shell reports for a command that SIGPIPE ended (128 + 13)
 MODEL_HELP = "a training checkpoint (checkpoints/step_NNNNNN), a run directory (its best checkpoint) or an export"
 
 
@@ -298,7 +300,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, where a full disk or a closed pipe behind stdout is still this boundary's
+        return code
+    except BrokenPipeError:  # stdout closed early (`predict ... | head`): end quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail again)
+        return CLOSED_STDOUT
+    except (OSError, UnicodeError, MemoryError) as err:  # the machine said no, wherever the command was
+        if getattr(args, "debug", False):
+            raise
+        finish_exiting_when_the_launcher_stops_us()
+        return report_error(ConfigError(environment_error(err)), EXIT_CODES[ConfigError])
     except ONE_LINE_ERRORS as err:
         if getattr(args, "debug", False):
             raise
@@ -309,6 +321,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return report_error(Interrupted("interrupted (Ctrl-C): stopped at once; a training run continues from its "
                                         "newest complete checkpoint with --resume auto"), EXIT_CODES[Interrupted])
+
+
+def environment_error(err: BaseException) -> str:
+    """One line for what the operating system refused: the path, the reason, what to do."""
+    if isinstance(err, MemoryError):
+        return ("out of memory: the data, the batch or the model does not fit this machine's memory; use a smaller "
+                "--batch-size, --image-size or data set size")
+    if isinstance(err, UnicodeError):
+        return (f"a file name or text that is not valid in this locale's encoding ({err}); rename it, or run with "
+                f"a UTF-8 locale (LANG=C.UTF-8)")
+    path = err.filename if err.filename is not None else "the output"
+    advice = {errno.ENOSPC: "free some space or write elsewhere", errno.EFBIG: "the file size limit (ulimit -f) "
+              "is reached; raise it or write elsewhere", errno.EISDIR: "a directory is in the way: give a file path",
+              errno.EACCES: "check its permissions or write elsewhere", errno.EPERM: "check its permissions or write "
+              "elsewhere", errno.EROFS: "the file system is read-only: write elsewhere", errno.ENOENT: "check the "
+              "path"}.get(err.errno, "check the path and the disk")
+    return f"{path}: {err.strerror or err}; {advice}"
 
 
 def finish_exiting_when_the_launcher_stops_us() -> None:

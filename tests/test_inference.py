@@ -142,3 +142,31 @@ def test_synthetic_idx_round_trips_through_png(data_dir, tmp_path):
     images = tiny_split(data_dir).images
     Image.fromarray(images[3].numpy(), mode="L").save(tmp_path / "item.png")
     assert (read_image(tmp_path / "item.png") == images[3].numpy()).all()
+
+
+def test_a_closed_stdout_ends_quietly_and_a_full_one_is_one_line(trained_run, data_dir, tmp_path):
+    """`predict ... | head`: the reader goes away, the command ends quietly with a shell's SIGPIPE status; output
+    into a full disk (/dev/full) is one line naming it, exit 2 (one error boundary serves every subcommand)."""
+    import os
+    import subprocess
+
+    from tests.helpers import REPO, command, cpu_env
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(tiny_split(data_dir).images[:40]):
+        Image.fromarray(image.numpy(), mode="L").save(folder / f"{i:04d}.png")
+    checkpoint = str(final_checkpoint(trained_run))
+    predict = command(["--checkpoint", checkpoint, "--batch-size", "8", str(folder)], subcommand="predict")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is already gone when the first prediction is written
+    closed = subprocess.run(predict, stdout=write_end, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO,
+                            timeout=120)
+    os.close(write_end)
+    assert closed.returncode == 141 and closed.stderr == "", closed.stderr
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command(["--checkpoint", checkpoint, "--json"], subcommand="evaluate"), stdout=full,
+                                stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("dist-alexnet: error: ") and "No space left on device" in line, line
