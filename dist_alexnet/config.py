@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -398,6 +399,9 @@ def _coerce(name: str, value, kind: type, optional: bool, source: str):
             pass
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
+    if kind is str and isinstance(value, bool):
+        raise ConfigError(f"{source}: {name} must be text, and YAML 1.1 reads an unquoted no/yes/off/on/false/true "
+                          f"as the boolean {value}; put the value in quotes (e.g. {name}: 'no')")
     raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
 
 
@@ -476,11 +480,31 @@ def config_from_args(args: argparse.Namespace, only: tuple[str, ...] | None = No
                      validate: bool = True) -> TrainConfig:
     """The options given on the command line, over --config's YAML, over the defaults. `only`: take these fields
     alone from `args` (a subcommand's own flags may share a field's name: benchmark's --global-batch-size)."""
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    config = getattr(args, "config", None)
+    if config is not None and not config.strip():
+        raise ConfigError("--config is empty (an unset variable in a job script?); give a YAML file or leave the "
+                          "option out")
+    values = load_yaml(expand_path(config)) if config else {}
     names = set(only) if only is not None else {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    for name in PATH_OPTIONS:  # as a shell would have, had the path not come from YAML or quotes
+        if isinstance(values.get(name), str) and values[name] not in ("auto", "none"):
+            values[name] = expand_path(values[name])
     cfg = TrainConfig(**values)
     return cfg.validate() if validate else cfg
+
+
+# The options that name a file or folder: `~` and $VARIABLES in them are expanded (resume's auto and none aside).
+PATH_OPTIONS = ("data_dir", "output_dir", "resume")
+
+
+def expand_path(path: str) -> str:
+    """`~` and $VARIABLE / ${VARIABLE} expanded; a variable that is not set is an error, not a literal `$NAME`."""
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    if "$" in expanded and re.search(r"\$\{?[A-Za-z_]", expanded):
+        raise ConfigError(f"{path!r} names an environment variable that is not set ({expanded}); set it or write "
+                          f"the path out")
+    return expanded
 
 
 def resume_changes(saved: dict, cfg: TrainConfig, mid_epoch: bool, checkpoint) -> list[str]:

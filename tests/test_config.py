@@ -69,3 +69,25 @@ def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
         "dist-alexnet: error: --lr must be a positive finite number (got -1.0); the reference run uses 1e-3"]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_yaml_booleans_paths_and_an_empty_config_are_read_as_a_user_means_them(tmp_path, monkeypatch):
+    """YAML 1.1 reads `mixed_precision: no` as False: the error says to quote it. `~` and $VARIABLES in path options
+    are expanded (from YAML too); an unset variable is an error, not a folder named `$NAME`. `--config ''` (an
+    unset variable in a job script) is refused, not ignored."""
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("mixed_precision: no\n")
+    with pytest.raises(ConfigError, match=r"mixed_precision must be text.*put the value in quotes"):
+        parse("--config", str(yaml_file))
+    yaml_file.write_text("mixed_precision: 'no'\noutput_dir: ~/runs/a\ndata_dir: $DATA_ROOT/fmnist\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path / "data"))
+    cfg = parse("--config", str(yaml_file), "--resume", "${DATA_ROOT}/ckpt")
+    assert cfg.mixed_precision == "no" and cfg.output_dir == str(tmp_path / "home" / "runs" / "a")
+    assert cfg.data_dir == str(tmp_path / "data" / "fmnist") and cfg.resume == str(tmp_path / "data" / "ckpt")
+    assert parse("--resume", "none").resume == "none"
+    monkeypatch.delenv("DATA_ROOT")
+    with pytest.raises(ConfigError, match=r"environment variable that is not set"):
+        parse("--data-dir", "$DATA_ROOT/fmnist")
+    with pytest.raises(ConfigError, match=r"--config is empty"):
+        parse("--config", "")
