@@ -344,7 +344,7 @@ def finish_exiting_when_the_launcher_stops_us() -> None:
     """In a job of several processes every rank stops with the same one-line error, and the launcher sends SIGTERM
     to the ranks still running as soon as the first has exited: a rank caught in its own (slow) interpreter
     shutdown would die of that signal instead of exiting with the error's code. It finishes exiting instead."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

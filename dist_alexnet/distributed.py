@@ -49,11 +49,40 @@ def check_launch_mode(cfg: TrainConfig) -> None:
         os.environ["ACCELERATE_USE_FSDP"] = "false"
 
 
+def launcher_variables(env=os.environ) -> dict[str, int]:
+    """The launcher's variables this process runs under (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_PORT), checked before anything reads them: whole numbers, a rank below its world size, a port in
+    range. An unset variable is left out; a set but empty one is an error (an unset variable in a job script)."""
+    values, problems = {}, []
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        if name not in env:
+            continue
+        text = env[name].strip()
+        if not text.isdigit():
+            problems.append(f"{name}={env[name]!r} is not a whole number")
+            continue
+        values[name] = int(text)
+    world, local_world = values.get("WORLD_SIZE", 1), values.get("LOCAL_WORLD_SIZE", values.get("WORLD_SIZE", 1))
+    if world < 1:
+        problems.append(f"WORLD_SIZE={world} must be at least 1")
+    if values.get("RANK", 0) >= world:
+        problems.append(f"RANK={values['RANK']} must be below WORLD_SIZE={world}")
+    if values.get("LOCAL_RANK", 0) >= max(local_world, 1):
+        problems.append(f"LOCAL_RANK={values['LOCAL_RANK']} must be below LOCAL_WORLD_SIZE={local_world}")
+    if not 0 < values.get("MASTER_PORT", 1) < 65536:
+        problems.append(f"MASTER_PORT={values['MASTER_PORT']} is not a port (1-65535)")
+    if problems:
+        raise ConfigError(f"the launcher's environment is not usable: {'; '.join(problems)}; start the processes with "
+                          f"accelerate launch or torchrun, or unset WORLD_SIZE, RANK, LOCAL_RANK and MASTER_PORT for "
+                          f"one process")
+    return values
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator for cfg (precision, accumulation, DDP options, collective timeout), after checking that
     all the processes the launcher started joined one job."""
     check_launch_mode(cfg)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launcher_variables().get("WORLD_SIZE", 1)
     # NCCL's watchdog: on a timed-out collective abort the communicators but leave the process alive (2, CleanUpOnly,
     # instead of torch's default 3, which kills the process from the watchdog thread without a word), so that the
     # waiting rank raises and is_collective_failure / collective_failed turn it into one line naming its phase;

@@ -70,7 +70,7 @@ def make_parallelism(cfg, accelerator) -> DataParallel:
     if cfg.parallelism == "ddp":
         return DataParallel(accelerator)
     world = accelerator.num_processes
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or world)  # (checked by distributed.launcher_variables)
     problems = []
     if world < 2:
         problems.append(f"--parallelism {cfg.parallelism} spreads the model over several processes and this run has "

@@ -347,3 +347,15 @@ def test_debug_shows_the_traceback(tmp_path):
     result = run(["--checkpoint", str(tmp_path / "nowhere"), "--debug"], subcommand="evaluate", check=False,
                  timeout=120, in_process=False)
     assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+
+
+@pytest.mark.parametrize("variables, words", [
+    ({"WORLD_SIZE": ""}, "WORLD_SIZE='' is not a whole number"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 must be below WORLD_SIZE=2"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a port"),
+])
+def test_a_launcher_environment_that_cannot_be_used_is_one_line(tmp_path, data_dir, variables, words):
+    result = run(tiny_args(data_dir, tmp_path / "run", "--max-steps", "1"), env=cpu_env(**variables), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert words in result.stderr and "unset WORLD_SIZE" in result.stderr
