@@ -236,6 +236,12 @@ class TrainConfig:
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{_flag(name)} must be >= 1 or unset (got {value})")
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
+        synthetic_bytes = (self.synthetic_train_size + self.synthetic_test_size) * 28 * 28 * 2  # file + tensor
+        need(self.dataset != "synthetic" or synthetic_bytes <= memory_bytes() / 2,
+             f"--synthetic-train-size {self.synthetic_train_size} and --synthetic-test-size "
+             f"{self.synthetic_test_size} need about {synthetic_bytes / 1e9:.1f} GB of memory (28 x 28 bytes per "
+             f"image, written and then read), more than half of this machine's {memory_bytes() / 1e9:.1f} GB; "
+             f"choose smaller sizes")
         need(0 <= self.seed < 2**32, f"--seed must be in 0 .. 2**32 - 1 (got {self.seed})")
         need(self.lr > 0 and math.isfinite(self.lr),
              f"--lr must be a positive finite number (got {self.lr}); the reference run uses 1e-3")
@@ -492,6 +498,11 @@ def config_from_args(args: argparse.Namespace, only: tuple[str, ...] | None = No
             values[name] = expand_path(values[name])
     cfg = TrainConfig(**values)
     return cfg.validate() if validate else cfg
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # The options that name a file or folder: `~` and $VARIABLES in them are expanded (resume's auto and none aside).

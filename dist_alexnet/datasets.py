@@ -105,6 +105,8 @@ def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
     if len(data) < header_len:
         raise DataError(f"{path}: truncated header ({len(data)} bytes); re-download the file")
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if shape[0] == 0:
+        raise DataError(f"{path}: holds no samples (its header says shape {shape}); re-download the file")
     expected = header_len + math.prod(shape)
     if len(data) != expected:
         raise DataError(f"{path}: {'truncated' if len(data) < expected else 'has trailing bytes'}: header "
@@ -144,11 +146,11 @@ def load_split(root: Path, train: bool, download: bool) -> Split:
     """One split of the torchvision layout under `root`, read and validated (torchvision downloads the files
     when they are missing and `download` is set)."""
     raw_dir = root / "FashionMNIST" / "raw"
-    missing = [name for pair in IDX_FILES.values() for name in pair if not (raw_dir / name).exists()]
+    missing = [name for pair in IDX_FILES.values() for name in pair if idx_file(raw_dir, name) is None]
     if missing:
         if not download:
             raise DataError(f"Fashion-MNIST not found: {raw_dir} lacks {', '.join(missing)}. Put the four "
-                            f"*-ubyte files there, drop --no-download to fetch them, or use {OFFLINE_HINT} "
+                            f"*-ubyte files (or the official *-ubyte.gz) there, drop --no-download to fetch them, or use {OFFLINE_HINT} "
                             f"to train offline")
         try:
             torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
@@ -156,7 +158,12 @@ def load_split(root: Path, train: bool, download: bool) -> Split:
             raise DataError(f"could not download Fashion-MNIST into {raw_dir} ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Copy the four *-ubyte "
                             f"files there by hand, or use {OFFLINE_HINT} to train offline") from None
-    return read_images_and_labels(*(raw_dir / name for name in IDX_FILES[train]))
+    return read_images_and_labels(*(idx_file(raw_dir, name) for name in IDX_FILES[train]))
+
+
+def idx_file(raw_dir: Path, name: str) -> Path | None:
+    """`name` in raw_dir, extracted or as the official download's `name.gz`; None when neither is there."""
+    return next((path for path in (raw_dir / name, raw_dir / f"{name}.gz") if path.exists()), None)
 
 
 def make_synthetic(root: Path, train_size: int, test_size: int, seed: int) -> None:

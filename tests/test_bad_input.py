@@ -63,6 +63,23 @@ for name, corrupt in IDX_CASES.items():
     CASES[name] = lambda tmp, data_dir, run_dir, corrupt=corrupt: real_layout_copy(data_dir, tmp, corrupt)
 
 
+def corrupt_empty_test_set(raw: Path):
+    """A valid header that announces 0 images (and 0 labels)."""
+    from dist_alexnet.datasets import write_idx
+
+    write_idx(raw / "t10k-images-idx3-ubyte", torch.zeros(0, 28, 28, dtype=torch.uint8))
+    write_idx(raw / "t10k-labels-idx1-ubyte", torch.zeros(0, dtype=torch.uint8))
+    return raw / "t10k-images-idx3-ubyte", "holds no samples"
+
+
+CASES["idx_no_samples"] = lambda tmp, data_dir, run_dir: real_layout_copy(data_dir, tmp, corrupt_empty_test_set)
+
+
+@case
+def synthetic_set_larger_than_memory(tmp, data_dir, run_dir):
+    return tiny(data_dir, tmp, "--synthetic-train-size", "100000000000"), "more than half of this machine's"
+
+
 # --- configuration
 
 # A bad config file: case name -> (its text, words of the message).
@@ -359,3 +376,16 @@ def test_a_launcher_environment_that_cannot_be_used_is_one_line(tmp_path, data_d
     result = run(tiny_args(data_dir, tmp_path / "run", "--max-steps", "1"), env=cpu_env(**variables), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert words in result.stderr and "unset WORLD_SIZE" in result.stderr
+
+
+def test_the_official_gz_files_are_read_as_they_are_downloaded(tmp_path, data_dir):
+    """raw/ holding the official *-ubyte.gz files, not extracted: read as they are."""
+    import gzip
+
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for file in tiny_raw_dir(data_dir).iterdir():
+        (raw / f"{file.name}.gz").write_bytes(gzip.compress(file.read_bytes()))
+    result = run([*TINY, "--dataset", "fashion-mnist", "--no-download", "--data-dir", str(tmp_path / "data"),
+                  "--max-steps", "1", "--output-dir", str(tmp_path / "out")])
+    assert f"{TRAIN_SAMPLES} train / 101 test samples" in result.stdout
