@@ -15,11 +15,12 @@ import subprocess
 
 from dist_alexnet.errors import Interrupted
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# SIGHUP: the terminal closed or the ssh session dropped; saved and stopped like the others, not killed.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class PreemptionFlag:
-    """Within `with PreemptionFlag() as preemption:`, notes that SIGTERM, SIGUSR1 or SIGINT arrived
+    """Within `with PreemptionFlag() as preemption:`, notes that SIGTERM, SIGUSR1, SIGINT or SIGHUP arrived
     (preemption.received: the signal's name); the previous handlers come back on exit."""
 
     active: PreemptionFlag | None = None  # the flag of the command running in this process

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dist_alexnet.errors import ConfigError, first_line
 
@@ -75,7 +75,8 @@ def read_image(path: Path, invert: bool = False) -> np.ndarray:
                 raise ImageError(f"{path}: {image.width}x{image.height} pixels is more than the "
                                  f"{MAX_PIXELS / 1e6:g} megapixels predict reads; scale it down first; skipped")
             image.load()
-            gray = grayscale(image, background=1.0 if invert else 0.0)
+            # a camera's EXIF orientation: the upright picture, as a viewer shows it, not the sensor's rows
+            gray = grayscale(ImageOps.exif_transpose(image), background=1.0 if invert else 0.0)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:  # beyond twice PIL's limit it refuses on its own
@@ -210,8 +211,10 @@ def export_class_names(folder: Path) -> list[str]:
 
 
 def onnx_classifier(folder: Path) -> Classifier:
-    """An export's model.onnx on ONNX Runtime: the normalization and the resize are in the graph, so its input is
-    the 28x28 uint8 image itself."""
+    """An export's model.onnx on ONNX Runtime (`folder`: the export, or its model.onnx itself): the normalization
+    and the resize are in the graph, so its input is the 28x28 uint8 image itself."""
+    if Path(folder).name == ONNX_FILE and Path(folder).is_file():
+        folder = Path(folder).parent
     session = onnx_session(folder)
     class_names = export_class_names(Path(folder))
     check_onnx_signature(session, Path(folder) / ONNX_FILE, len(class_names))

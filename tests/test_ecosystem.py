@@ -254,6 +254,12 @@ def test_predict_onnx_runs_without_torch_and_agrees_with_the_checkpoint(onnx_exp
     assert sum(c == int(label) for c, label in zip(onnx_classes, test.labels)) == metrics(trained_run)["test_correct"]
 
 
+def test_the_exports_model_onnx_file_is_accepted_as_the_checkpoint(onnx_export):
+    from dist_alexnet.serving import onnx_classifier
+
+    assert onnx_classifier(onnx_export / "model.onnx").source == onnx_classifier(onnx_export).source == onnx_export
+
+
 def test_a_damaged_onnx_export_is_caught(onnx_export, tmp_path):
     import onnx
     from onnx import numpy_helper

@@ -170,3 +170,14 @@ def test_a_closed_stdout_ends_quietly_and_a_full_one_is_one_line(trained_run, da
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("dist-alexnet: error: ") and "No space left on device" in line, line
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(data_dir, tmp_path):
+    """A phone stores a portrait photo sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view):
+    predict reads the picture a viewer shows."""
+    upright = Image.fromarray(tiny_split(data_dir).images[3].numpy(), mode="L").resize((40, 60))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    assert (read_image(tmp_path / "sideways.png") == read_image(tmp_path / "upright.png")).all()

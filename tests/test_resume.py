@@ -161,7 +161,8 @@ def test_kill_9_while_checkpointing_always_resumes_from_a_committed_checkpoint(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0), (signal.SIGUSR1, "launcher")])
+# (SIGTERM to a worker: test_hardening and the Slurm tests; SIGHUP: a closed terminal or a dropped ssh session)
+@pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, 1), (signal.SIGHUP, 0), (signal.SIGUSR1, "launcher")])
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, data_dir, sig, target):
     run_dir = tmp_path / "run"
     args = tiny_args(data_dir, run_dir, "--epochs", "20", "--log-every", "1")
