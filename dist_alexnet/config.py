@@ -40,13 +40,21 @@ def refused_mid_epoch(why: str) -> tuple[str, str]:
 
 
 def _opt(default, help: str, *, choices: tuple | None = None, takes: tuple[str, ...] = (), resume=APPLIES,
-         history: bool = True):
+         history: bool = True, node_local: bool = False):
     """A TrainConfig field and its rules: `choices`; `takes`, the subcommands besides train that take the option
     (evaluate: the data and batch over the checkpoint's; lr-find, benchmark, scaling-model: what they measure);
     `resume`, see APPLIES; `history`, whether the figures sent to the trackers depend on it (False: a resume with
-    another value recomputes the same figures, so MLflow and W&B keep the steps they already have)."""
+    another value recomputes the same figures, so MLflow and W&B keep the steps they already have); `node_local`,
+    whether the nodes of one job may give it different values (a path on each node's own disk); every other
+    option must be the same on every rank (rank_fingerprint)."""
     return field(default=default, metadata={"help": help, "choices": choices, "takes": takes, "resume": resume,
-                                            "history": history})
+                                            "history": history, "node_local": node_local})
+
+
+def rank_fingerprint(cfg) -> dict:
+    """The options every rank of a job must share, as --flag -> value."""
+    return {f"--{_flag(f.name)}": getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if not f.metadata["node_local"]}
 
 
 def options_for(subcommand: str) -> tuple[str, ...]:
@@ -70,9 +78,9 @@ class TrainConfig:
                         takes=("evaluate", "lr-find"),
                         resume=refused("the data position refers to the checkpoint's data set"))
     data_dir: str = _opt("./data", "folder holding FashionMNIST/raw/*-ubyte (torchvision layout)",
-                         takes=("evaluate", "lr-find"), history=False)
+                         takes=("evaluate", "lr-find"), history=False, node_local=True)
     download: bool = _opt(True, "download Fashion-MNIST with torchvision when the files are missing",
-                          takes=("evaluate", "lr-find"), history=False)
+                          takes=("evaluate", "lr-find"), history=False, node_local=True)
     limit_train: int | None = _opt(None, "use only the first N training samples (smoke runs)",
                                    takes=("evaluate", "lr-find"),
                                    resume=refused("the data position refers to the checkpoint's training samples"))
@@ -89,7 +97,7 @@ class TrainConfig:
                          choices=("device", "torchvision"), takes=("evaluate", "lr-find"))
     num_workers: int = _opt(2, "DataLoader worker processes for the torchvision pipeline (the device "
                             "pipeline indexes an in-memory tensor and needs none)",
-                            takes=("evaluate", "lr-find", "benchmark"), history=False)
+                            takes=("evaluate", "lr-find", "benchmark"), history=False, node_local=True)
     image_size: int = _opt(224, "side in pixels after resizing the 28x28 images (>= 64)",
                            takes=("lr-find", "benchmark", "scaling-model"),
                            resume=refused("the model learned from images of the checkpoint's size"))
@@ -182,7 +190,8 @@ class TrainConfig:
     # --- run directory, checkpoints, logging ---
     output_dir: str | None = _opt(None, "run directory; unset = runs/<timestamp>", takes=("lr-find",), history=False)
     resume: str = _opt("auto", "auto (newest complete checkpoint in the run directory), none, a checkpoint "
-                       "directory, or another run's directory (its newest complete checkpoint)", resume=SILENT, history=False)
+                       "directory, or another run's directory (its newest complete checkpoint)", resume=SILENT,
+                       history=False)
     checkpoint_every: int | None = _opt(None, "optimizer steps between checkpoints (plus one at every "
                                         "epoch end and at exit)", history=False)
     keep_checkpoints: int = _opt(3, "newest K checkpoints kept (K >= 2), plus the best by test accuracy", history=False)

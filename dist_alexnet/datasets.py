@@ -150,7 +150,8 @@ def load_split(root: Path, train: bool, download: bool) -> Split:
     if missing:
         if not download:
             raise DataError(f"Fashion-MNIST not found: {raw_dir} lacks {', '.join(missing)}. Put the four "
-                            f"*-ubyte files (or the official *-ubyte.gz) there, drop --no-download to fetch them, or use {OFFLINE_HINT} "
+                            f"*-ubyte files (or the official *-ubyte.gz) there, drop --no-download to fetch them, "
+                            f"or use {OFFLINE_HINT} "
                             f"to train offline")
         try:
             torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
@@ -256,6 +257,12 @@ def load_data(cfg, write: bool = True) -> tuple[Split, Split]:
     train = load_split(root, train=True, download=download).head(cfg.limit_train)
     test = load_split(root, train=False, download=download).head(cfg.limit_test)
     return train, test
+
+
+def data_fingerprint(split: Split) -> str:
+    """A split's size and content in a few words, the same on every rank that read the same files."""
+    return (f"{len(split)} samples, pixel sum {int(split.images.sum(dtype=torch.int64))}, label sum "
+            f"{int(split.labels.sum())}")
 
 
 def load_data_on_every_rank(cfg, accelerator, write: bool = True) -> tuple[Split, Split]:

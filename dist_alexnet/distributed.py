@@ -161,6 +161,20 @@ def collective_failed(error: BaseException, accelerator: Accelerator, step: int,
                             f"newest checkpoint")
 
 
+def check_ranks_agree(accelerator: Accelerator, fingerprint: dict, what: str, fix: str) -> None:
+    """Every rank calls it before any work with what must be the same on all of them (`fingerprint`: name ->
+    value); a difference stops every rank with one line naming the first differing entry and the ranks."""
+    if accelerator.num_processes == 1:
+        return
+    with phase(f"comparing the ranks' {what}"):
+        prints = gather_object([fingerprint])
+    for name, value in prints[0].items():
+        others = [rank for rank, theirs in enumerate(prints) if theirs.get(name) != value]
+        if others:
+            seen = ", ".join(f"rank {rank}: {prints[rank].get(name)!r}" for rank in others[:3])
+            raise ConfigError(f"the ranks disagree on their {what}: {name} is {value!r} on rank 0 but {seen}; {fix}")
+
+
 # ----------------------------------------------------------------------------- one rank for all
 
 def _shareable(error: Exception, rank: int, doing: str) -> Exception:

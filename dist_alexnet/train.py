@@ -19,11 +19,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from dist_alexnet.checkpoint import Expected, checkpoint_step, find_resume_checkpoint, list_checkpoints, save_checkpoint
-from dist_alexnet.config import TrainConfig, resume_changes, save_yaml
-from dist_alexnet.datasets import Split, load_data_on_every_rank
+from dist_alexnet.config import TrainConfig, rank_fingerprint, resume_changes, save_yaml
+from dist_alexnet.datasets import Split, data_fingerprint, load_data_on_every_rank
 from dist_alexnet.debug_hooks import DebugHooks
-from dist_alexnet.distributed import (collective_failed, is_collective_failure, make_accelerator, on_main_process,
-                                      phase)
+from dist_alexnet.distributed import (check_ranks_agree, collective_failed, is_collective_failure, make_accelerator,
+                                      on_main_process, phase)
 from dist_alexnet.errors import ConfigError, TrainingDiverged
 from dist_alexnet.health import StragglerWatch, check_replicas_agree
 from dist_alexnet.inputs import EpochOrder, make_loader, training_input
@@ -129,12 +129,16 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Parts:
     until the run ends), the data, the model with the same initial weights on every rank, its optimizer (and
     weight average) and the loaders, prepared for DDP and mixed precision."""
     accelerator = make_accelerator(cfg)
+    check_ranks_agree(accelerator, rank_fingerprint(cfg), "options", "give every rank the same command line and "
+                      "config file (only --data-dir, --download and --num-workers may differ between nodes)")
     progress = Progress(enabled=accelerator.is_main_process)
     run_dir = RunDir.choose(cfg.output_dir, accelerator)
     lock = run_dir.claim(accelerator)
     if lock is not None:
         held.callback(lock.release)
     train_split, test_split = load_data_on_every_rank(cfg, accelerator)
+    check_ranks_agree(accelerator, {"training set": data_fingerprint(train_split), "test set": data_fingerprint(
+        test_split)}, "data", "each node's --data-dir must hold the same files (compare their checksums)")
     batch = BatchPlan.of(cfg, accelerator.num_processes)
     batch.check_fits(cfg, len(train_split))
     train_loader, train_order = make_loader(train_split, cfg, batch, train=True)

@@ -171,16 +171,19 @@ def run_process(cmd: list[str], env: dict, cwd, timeout: float) -> subprocess.Co
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run_ranks(cmd: list[str], processes: int, env: dict, cwd, timeout: float) -> subprocess.CompletedProcess:
+def run_ranks(cmd: list[str] | list[list[str]], processes: int, env: dict, cwd, timeout: float
+              ) -> subprocess.CompletedProcess:
     """`processes` ranks of `cmd` on this machine, started with the variables a launcher gives its workers
     (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the processes `accelerate launch
     --multi_gpu` starts, without the 2-3 s its own start-up takes (the suite starts about a hundred). Their
     output merged into one stdout and one stderr as a launcher's is; when a rank fails, the others are stopped
-    after a few seconds, as torchrun stops them; the exit code is the first failing rank's."""
+    after a few seconds, as torchrun stops them; the exit code is the first failing rank's. `cmd`: one command for
+    all, or one per rank (ranks started with different options)."""
+    commands = cmd if isinstance(cmd[0], list) else [cmd] * processes
     port = str(free_port())
     per_node = int(env.get("LOCAL_WORLD_SIZE", processes))  # (a test may pretend to run on several nodes)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd,
+        procs = [subprocess.Popen(commands[rank], stdout=out, stderr=err, text=True, cwd=cwd,
                                   env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank % per_node),
                                            WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(per_node),
                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
@@ -461,16 +464,17 @@ def errors(result) -> list[str]:
     return [line[len(ERROR):] for line in result.stderr.splitlines() if line.startswith(ERROR)]
 
 
-def assert_clean_failure(result, processes: int, code: int = 2) -> str:
-    """One identical line per rank and no traceback but the launcher's; the exit code of a single process, or
-    any non-zero one from the launcher (torch elastic reports a failed worker as exit 1, with a traceback and
-    a ChildFailedError summary of its own). Returns the message."""
+def assert_clean_failure(result, processes: int, code: int = 2, launcher: bool | None = None) -> str:
+    """One identical line per rank and no traceback but the launcher's; the exit code of a single process (or of
+    ranks started without a launcher: run_ranks), or any non-zero one from the launcher (torch elastic reports a
+    failed worker as exit 1, with a traceback and a ChildFailedError summary of its own). Returns the message."""
+    launcher = processes > 1 if launcher is None else launcher
     output = result.stdout + result.stderr
     assert not re.search(r'File ".*dist_alexnet/', output), output[-4000:]
-    assert output.count("Traceback") == (processes > 1) and "Exception in thread" not in output, output[-4000:]
+    assert output.count("Traceback") == launcher and "Exception in thread" not in output, output[-4000:]
     lines = errors(result)
     assert len(lines) == processes and len(set(lines)) == 1, output[-4000:]
-    assert result.returncode == code if processes == 1 else result.returncode != 0, output[-4000:]
+    assert result.returncode == code if not launcher else result.returncode != 0, output[-4000:]
     return lines[0]
 
 

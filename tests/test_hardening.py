@@ -335,3 +335,29 @@ def test_wandb_continues_in_a_new_run_after_a_resume_with_other_options(tmp_path
     second = json.loads((run_dir / "trackers.json").read_text())["wandb_run_id"]
     assert second != first and "continues in new runs" in other.stdout
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{second}"))) == 1
+
+
+def test_ranks_started_with_different_options_or_data_stop_before_any_work(tmp_path, data_dir):
+    """Every rank compares the options and a fingerprint of its data with rank 0's before training: a difference
+    is one line on every rank naming the option (or the data) and the ranks, instead of DDP's tracebacks or a
+    collective timeout blaming a hung rank."""
+    from dist_alexnet.datasets import read_idx, write_idx
+    from tests.helpers import TINY, assert_clean_failure, command, run_ranks, tiny_raw_dir
+
+    ranks = [command(tiny_args(data_dir, tmp_path / "run", "--max-steps", "1", "--lr", lr), 1)
+             for lr in ("1e-3", "1e-2")]
+    lr = run_ranks(ranks, 2, cpu_env(), REPO, 120)
+    assert "--lr is 0.001 on rank 0 but rank 1: 0.01" in assert_clean_failure(lr, processes=2, launcher=False)
+
+    copies = []
+    for node in ("a", "b"):  # each "node" its own copy of the data
+        raw = shutil.copytree(tiny_raw_dir(data_dir), tmp_path / node / "FashionMNIST" / "raw")
+        copies.append(raw.parent.parent)
+    labels = read_idx(copies[1] / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte", 1)
+    labels[0] = (labels[0] + 1) % 10  # one test label differs: still a valid file
+    write_idx(copies[1] / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte", labels)
+    ranks = [command([*TINY, "--dataset", "fashion-mnist", "--no-download", "--data-dir", str(copy), "--max-steps",
+                      "1", "--output-dir", str(tmp_path / "run2")], 1) for copy in copies]
+    data = run_ranks(ranks, 2, cpu_env(), REPO, 120)
+    message = assert_clean_failure(data, processes=2, launcher=False)
+    assert "the ranks disagree on their data: test set is" in message and "rank 1:" in message
