@@ -337,6 +337,7 @@ def test_wandb_continues_in_a_new_run_after_a_resume_with_other_options(tmp_path
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{second}"))) == 1
 
 
+@pytest.mark.slow
 def test_ranks_started_with_different_options_or_data_stop_before_any_work(tmp_path, data_dir):
     """Every rank compares the options and a fingerprint of its data with rank 0's before training: a difference
     is one line on every rank naming the option (or the data) and the ranks, instead of DDP's tracebacks or a

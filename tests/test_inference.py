@@ -144,6 +144,7 @@ def test_synthetic_idx_round_trips_through_png(data_dir, tmp_path):
     assert (read_image(tmp_path / "item.png") == images[3].numpy()).all()
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_ends_quietly_and_a_full_one_is_one_line(trained_run, data_dir, tmp_path):
     """`predict ... | head`: the reader goes away, the command ends quietly with a shell's SIGPIPE status; output
     into a full disk (/dev/full) is one line naming it, exit 2 (one error boundary serves every subcommand)."""
