@@ -509,6 +509,20 @@ def config_from_args(args: argparse.Namespace, only: tuple[str, ...] | None = No
     return cfg.validate() if validate else cfg
 
 
+def check_output_file(path: str | None, option: str = "--json") -> None:
+    """Before a long measurement: the file it will write can be written (not a directory, its folder creatable
+    and writable), so the result is not lost at the end."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give a file path (e.g. {target / 'result.json'})")
+    folder = target.parent
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"{option} {path}: {existing} is not a writable folder; choose another path")
+
+
 def memory_bytes() -> int:
     """This machine's physical memory."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

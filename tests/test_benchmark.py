@@ -133,3 +133,10 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     targets = summary["targets"]
     assert targets["trainer images/s >= 40000 at the largest batch"]["met"] is False  # a CPU is no H200
     assert targets["slowest epoch after the first <= 1.5 s"]["value"] == max(train["epoch_seconds"][1:])
+
+
+@pytest.mark.parametrize("subcommand", ["benchmark", "scaling-model"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_measuring(subcommand, tmp_path):
+    refused = run(["--json", str(tmp_path)], subcommand=subcommand, check=False)
+    assert refused.returncode == 2 and "is a directory; give a file path" in refused.stderr, refused.stderr
+    assert "measuring" not in refused.stdout and "efficiency" not in refused.stdout

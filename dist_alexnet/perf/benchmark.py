@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from dist_alexnet.config import ConfigError, TrainConfig, config_from_args, options_for
+from dist_alexnet.config import ConfigError, TrainConfig, check_output_file, config_from_args, options_for
 from dist_alexnet.datasets import Split
 from dist_alexnet.distributed import make_accelerator
 from dist_alexnet.device import use_cuda
@@ -52,6 +52,7 @@ from dist_alexnet.optimization import make_optimizer, optimizer_implementation
 from dist_alexnet.parallel import DataParallel
 from dist_alexnet.perf.measure import training_flops
 from dist_alexnet.perf.scaling_benchmark import format_scaling, run_scaling
+from dist_alexnet.rundir import write_atomically
 from dist_alexnet.stats import StepStats
 from dist_alexnet.steps import TrainStep
 
@@ -369,6 +370,7 @@ def main(args) -> int:
     problems += scaling_problems(args)
     try:
         cfg = config_from_args(args, only=options_for("benchmark"))
+        check_output_file(args.json)
     except ConfigError as err:
         problems += str(err).splitlines()
     if problems:
@@ -382,6 +384,6 @@ def main(args) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomically(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

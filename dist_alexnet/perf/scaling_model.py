@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from dist_alexnet.config import TrainConfig, config_from_args, options_for
+from dist_alexnet.config import TrainConfig, check_output_file, config_from_args, options_for
 from dist_alexnet.device import default_device
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import AlexNet, build_model
 from dist_alexnet.optimization import make_optimizer
 from dist_alexnet.parallel import PLANNED, SHARDED
 from dist_alexnet.perf.measure import ProfiledStep, StepProfile, backward_flops_by_layer, parameter_sizes
+from dist_alexnet.rundir import write_atomically
 
 MB = 2**20  # DDP's bucket_cap_mb counts MiB
 FIRST_BUCKET_BYTES = 1 * MB  # torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES: DDP's first bucket is small
@@ -408,6 +409,7 @@ def main(args) -> int:
     if args.profile and args.measure:
         raise ConfigError("--profile and --measure: give one of them")
     cfg = config_from_args(args, only=options_for("scaling-model"))  # the step: train's checks of its options
+    check_output_file(args.json)
     if args.measure:
         profile = measured_profile(cfg.batch_size, cfg.image_size, cfg.mixed_precision, cfg.model_width)
     elif args.profile:
@@ -429,6 +431,7 @@ def main(args) -> int:
         print(f"{label}: efficiency under 90% from {gpus} GPUs" if gpus else f"{label}: 90% or more up to "
               f"{GPU_COUNTS[-1]} GPUs")
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(args.json), json.dumps(table, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
