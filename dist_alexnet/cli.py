@@ -7,12 +7,14 @@ a preemption signal must already be caught."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from dist_alexnet import __version__
@@ -300,7 +302,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        code = args.run(args)
+        with stop_on_signals(args.run is not run_train):
+            code = args.run(args)
         sys.stdout.flush()  # here, where a full disk or a closed pipe behind stdout is still this boundary's
         return code
     except BrokenPipeError:  # stdout closed early (`predict ... | head`): end quietly, as command-line tools do
@@ -321,6 +324,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return report_error(Interrupted("interrupted (Ctrl-C): stopped at once; a training run continues from its "
                                         "newest complete checkpoint with --resume auto"), EXIT_CODES[Interrupted])
+
+
+@contextlib.contextmanager
+def stop_on_signals(active: bool):
+    """For the commands other than train (which saves a checkpoint and stops at its next step): SIGTERM and SIGHUP
+    end the command as Ctrl-C does, through its cleanup (no temporary file left) and one line, exit 130."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; nothing half-written was left")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def environment_error(err: BaseException) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 from huggingface_hub import HfApi
+from safetensors import SafetensorError
 from torch import nn
 
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD, load_sample
@@ -66,11 +67,13 @@ def export_model(checkpoint: str, out: str | os.PathLike, onnx: bool = False, lo
             os.rename(out, replaced)
         os.rename(building, out)
         shutil.rmtree(replaced, ignore_errors=True)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # (safetensors reports a full disk as its own error)
         shutil.rmtree(building, ignore_errors=True)
         if replaced.exists() and not out.exists():
             os.rename(replaced, out)
-        raise ConfigError(f"cannot write the export into {out} ({err.strerror or err}); choose another --out") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise ConfigError(f"cannot write the export into {out} ({reason}); free some space or choose another "
+                          f"--out") from None
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise

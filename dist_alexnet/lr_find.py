@@ -39,7 +39,7 @@ from dist_alexnet.inputs import make_loader, training_input
 from dist_alexnet.lr_sweep import SKIP_START, Sweep, smooth, suggest
 from dist_alexnet.model import build_model
 from dist_alexnet.optimization import make_optimizer, set_learning_rate
-from dist_alexnet.rundir import RunDir
+from dist_alexnet.rundir import RunDir, write_atomically
 from dist_alexnet.schedule import BatchPlan
 
 
@@ -147,10 +147,10 @@ def write_outputs(out: Path, result: dict, json_path: str | None) -> None:
     run_dir = RunDir(out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    run_dir.lr_find_json.write_text(text)
+    write_atomically(run_dir.lr_find_json, text)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(text)
+        write_atomically(Path(json_path), text)
 
     with SummaryWriter(str(run_dir.tensorboard)) as writer:
         for step, (lr, loss, smoothed) in enumerate(zip(result["lrs"], result["losses"], result["smoothed_losses"])):
@@ -174,7 +174,7 @@ def write_outputs(out: Path, result: dict, json_path: str | None) -> None:
     axes.set_title(f"LR range test: {result['optimizer']}, global batch {result['global_batch']}, "
                    f"{result['world_size']} process(es)")
     axes.legend(fontsize=8)
-    run_dir.lr_find_plot.write_bytes(to_png(figure))
+    write_atomically(run_dir.lr_find_plot, to_png(figure))
 
 
 def describe(result: dict, out: Path, cfg: TrainConfig) -> str:

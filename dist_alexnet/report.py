@@ -17,7 +17,7 @@ from tensorboard.util import tensor_util
 from dist_alexnet.datasets import CLASS_NAMES
 from dist_alexnet.errors import ReportError
 from dist_alexnet.figures import accuracy_figure, loss_figure, throughput_figure, to_png
-from dist_alexnet.rundir import RunDir, read_metrics
+from dist_alexnet.rundir import RunDir, read_metrics, write_atomically
 from dist_alexnet.monitor import class_tag
 
 
@@ -75,13 +75,13 @@ def write_report(run_dir: str | Path) -> Path:
     figures = {}
     for name, (draw, main, extra) in curves.items():
         if s.get(main):
-            run_dir.figure(name).write_bytes(to_png(draw(s[main], s.get(extra))))
+            write_atomically(run_dir.figure(name), to_png(draw(s[main], s.get(extra))))
             figures[name] = True
     # Images TensorBoard already holds as PNG: the last one of each, as written during training.
     for name, tag in (("confusion_matrix.png", "test/confusion_matrix"), ("class_accuracy.png", "test/class_accuracy"),
                       ("misclassified.png", "test/misclassified"), ("inputs.png", "inputs/train_batch")):
         if events.images.get(tag):
-            run_dir.figure(name).write_bytes(events.images[tag][-1][1])
+            write_atomically(run_dir.figure(name), events.images[tag][-1][1])
             figures[name] = True
 
     lines = [f"# Run report: {run_dir.path.resolve().name}", ""]
@@ -116,7 +116,7 @@ def write_report(run_dir: str | Path) -> Path:
               "Rebuild this report: `dist-alexnet report RUN_DIR`. Watch the run: "
               "`tensorboard --logdir RUN_DIR/tensorboard`.", ""]
     report = run_dir.report
-    report.write_text("\n".join(lines))
+    write_atomically(report, "\n".join(lines))
     return report
 
 

@@ -194,17 +194,27 @@ def _job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """A temporary file renamed over `path`: a reader sees the old file or the new one, never a part. The rule
-    for the run's small files (metrics.json, trackers.json); checkpoints have their own, by directory."""
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """A temporary file in the same folder renamed over `path`: a reader sees the old file or the new one, never
+    a part, and a failed write (a full disk, a file size limit, a signal) leaves the old one as it was and no
+    temporary behind. The rule for every single file the project writes (metrics.json, trackers.json, reports,
+    figures, JSON results); checkpoints and exports have their own, by directory."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        tmp.write_text(text)
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content)
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise OSError(err.errno, err.strerror, str(path)) from None
+    except BaseException:  # a signal turned into an exception, Ctrl-C
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # ----------------------------------------------------------------------------- metrics.json

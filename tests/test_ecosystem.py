@@ -293,3 +293,26 @@ def test_the_profiler_writes_a_trace_that_names_the_convolutions(tmp_path, data_
     assert "profile of steps 2-3" in result.stdout and "Self CPU" in result.stdout
     table = result.stdout.split("the top 10 operators by self time:")[1]
     print("top operators by self time on CPU:\n" + "\n".join(table.splitlines()[:9]))
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_onnx_export_leaves_nothing_behind(trained_run, tmp_path):
+    """A signal while the export is being built (the ONNX graph and its parity check take seconds): one line,
+    exit 130, and neither the half-built folder nor a partial --out is left."""
+    import signal
+    import time
+
+    out = tmp_path / "export"
+    proc = start(["--checkpoint", str(trained_run), "--out", str(out), "--format", "onnx"], subcommand="export")
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".export.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert list(tmp_path.glob(".export.tmp-*")), "the export never started building"
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in output, output[-3000:]
+    assert "dist-alexnet: error: stopped by SIGTERM" in output
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

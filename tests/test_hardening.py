@@ -106,6 +106,19 @@ def test_report_of_a_run_whose_config_yaml_is_a_directory_takes_the_config_from_
     assert "model_width: 0.125" in (copy / "report.md").read_text()
 
 
+def test_a_report_that_cannot_be_written_leaves_the_old_one_whole(tmp_path, trained_run):
+    """Every file goes through one atomic writer: under a file size limit of 8 KB (ulimit -f 8) the report fails
+    in one line, and the figures and report.md already there are left as they were, with no temporary beside."""
+    copy = shutil.copytree(trained_run, tmp_path / "run", symlinks=True)
+    run([str(copy)], subcommand="report")  # the figures and the report as they are
+    before = {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()}
+    assert max(len(data) for name, data in before.items() if name.endswith(".png")) > 8192
+    limited = run([str(copy)], subcommand="report", prefix=["prlimit", "--fsize=8192"], check=False)
+    assert limited.returncode == 2 and "Traceback" not in limited.stderr, limited.stderr
+    assert len(limited.stderr.splitlines()) == 1 and "File too large" in limited.stderr, limited.stderr
+    assert {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()} == before
+
+
 # ----------------------------------------------------------------------------- the profiler
 
 @pytest.mark.slow
