@@ -301,6 +301,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    with contextlib.suppress(AttributeError, ValueError):  # (a replaced stdout, as under pytest's capture)
+        sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 prints, escaped
     try:
         with stop_on_signals(args.run is not run_train):
             code = args.run(args)

@@ -245,6 +245,10 @@ class TrainConfig:
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{_flag(name)} must be >= 1 or unset (got {value})")
         need(self.num_workers >= 0, f"--num-workers must be >= 0 (got {self.num_workers})")
+        need(self.output_dir is None or "tensorboard" not in self.trackers()
+             or readable(self.output_dir) == self.output_dir,
+             f"--output-dir {readable(self.output_dir or '')} is not a valid UTF-8 name, and TensorBoard's writer "
+             f"cannot write under it; rename it, choose another, or leave tensorboard out of --report-to")
         synthetic_bytes = (self.synthetic_train_size + self.synthetic_test_size) * 28 * 28 * 2  # file + tensor
         need(self.dataset != "synthetic" or synthetic_bytes <= memory_bytes() / 2,
              f"--synthetic-train-size {self.synthetic_train_size} and --synthetic-test-size "
@@ -521,6 +525,17 @@ def check_output_file(path: str | None, option: str = "--json") -> None:
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
         raise ConfigError(f"{option} {path}: {existing} is not a writable folder; choose another path")
+
+
+def readable(text: str) -> str:
+    """A file name as text any writer takes: the bytes of a name that is not valid UTF-8 (Python holds them as
+    surrogate escapes) shown as \\xNN, e.g. caf\\xe9 for a Latin-1 "café"; valid text unchanged."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) else text
+
+
+def readable_options(cfg) -> dict:
+    """cfg.to_dict() with every text value readable(): what trackers, TensorBoard text and hparams are given."""
+    return {key: readable(value) if isinstance(value, str) else value for key, value in cfg.to_dict().items()}
 
 
 def memory_bytes() -> int:

@@ -32,7 +32,7 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.plugins.text.summary_v2 import text_pb
 from torchvision.utils import make_grid
 
-from dist_alexnet.config import figures_depend_on
+from dist_alexnet.config import figures_depend_on, readable, readable_options
 from dist_alexnet.datasets import CLASS_NAMES, MEAN, STD
 from dist_alexnet.distributed import on_main_process
 from dist_alexnet.errors import ConfigError, Interrupted, first_line
@@ -364,7 +364,7 @@ class Monitor:
         self.logged_step = start_step  # the previous log point (or the step the run started from)
 
         resolved = "".join(f"# {key}: {value}\n" for key, value in self.effective.items())
-        self.text("run/config", _code(yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        self.text("run/config", _code(yaml.safe_dump(readable_options(cfg), sort_keys=False)
                                       + f"# effective on {accelerator.num_processes} process(es):\n{resolved}"))
         command, launcher = launch_command()
         self.text("run/command", _code(command))
@@ -452,7 +452,7 @@ class Monitor:
             run_id = tracker.active_run.info.run_id if tracker.name == "mlflow" else tracker.run.id
             if state.get(f"{tracker.name}_run_id") != run_id:
                 started.append(tracker.name)
-                tracker.store_init_configuration({**self.cfg.to_dict(), **{f"effective_{k}": v
+                tracker.store_init_configuration({**readable_options(self.cfg), **{f"effective_{k}": v
                                                                            for k, v in self.effective.items()}})
             state[f"{tracker.name}_run_id"] = run_id
         if len(started) == len(self.others):  # new runs only: they have nothing past the step the run starts from
@@ -468,7 +468,7 @@ class Monitor:
         write_atomically(RunDir(self.run_dir).trackers, json.dumps(self.tracker_state) + "\n")
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
-        self.writer.add_summary(text_pb(tag, markdown), step)
+        self.writer.add_summary(text_pb(tag, readable(markdown)), step)
 
     def image(self, tag: str, figure, step: int) -> None:
         self.writer.add_image(tag, to_rgb(figure), step, dataformats="HWC")
@@ -476,7 +476,7 @@ class Monitor:
     def _write_hparams(self) -> None:
         """HPARAMS tab: this run is one row (its config, and the last value of each HPARAM_METRICS tag).
         Written into the run's own event file (SummaryWriter.add_hparams would make a separate run)."""
-        values = {k: v for k, v in self.cfg.to_dict().items() if v is not None}  # None has no hparam type
+        values = {k: v for k, v in readable_options(self.cfg).items() if v is not None}  # None has no hparam type
         values.update(world_size=self.accelerator.num_processes,
                       **{f"effective_{key}": value for key, value in self.effective.items()},
                       mixed_precision=self.accelerator.mixed_precision,

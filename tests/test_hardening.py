@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_alexnet.checkpoint import list_checkpoints
-from tests.helpers import REPO, Lines, cpu_env, run, scalars, start, stop, tiny_args
+from tests.helpers import REPO, Lines, cpu_env, event_record, run, scalars, start, stop, tiny_args
 
 
 def one_error_line(result, words: str, alone: bool = False) -> None:
@@ -117,6 +117,24 @@ def test_a_report_that_cannot_be_written_leaves_the_old_one_whole(tmp_path, trai
     assert limited.returncode == 2 and "Traceback" not in limited.stderr, limited.stderr
     assert len(limited.stderr.splitlines()) == 1 and "File too large" in limited.stderr, limited.stderr
     assert {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()} == before
+
+
+def test_file_names_that_are_not_utf8_work_or_are_refused_before_anything_is_made(tmp_path, data_dir):
+    """A Latin-1 "café" (byte 0xe9) as --data-dir trains, and TensorBoard's text and hparams show it as caf\\xe9;
+    as --output-dir, which TensorBoard's writer cannot take, one line before any directory is made."""
+    import os
+
+    latin1 = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    os.makedirs(os.fsencode(latin1))
+    shutil.copytree(data_dir, latin1, dirs_exist_ok=True)
+    run(tiny_args(latin1, tmp_path / "run", "--max-steps", "1"))
+    from tensorboard.util import tensor_util
+
+    (event,) = event_record(tmp_path / "run").Tensors("run/config")
+    assert "caf\\xe9" in tensor_util.make_ndarray(event.tensor_proto).item().decode()
+    refused = run(tiny_args(data_dir, latin1 + "/run", "--max-steps", "1"), check=False)
+    assert refused.returncode == 2 and "caf\\xe9/run is not a valid UTF-8 name" in refused.stderr, refused.stderr
+    assert not os.path.exists(os.fsencode(latin1 + "/run"))
 
 
 # ----------------------------------------------------------------------------- the profiler
