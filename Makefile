@@ -30,7 +30,7 @@ $(FLOOR_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/pip install -q --upgrade pip
 	$(FLOOR_VENV)/bin/pip install -q $(FLOOR_TORCH)
-	$(FLOOR_VENV)/bin/pip install -q -e . pytest pytest-timeout
+	$(FLOOR_VENV)/bin/pip install -q -e . pytest pytest-timeout hypothesis
 	touch $(FLOOR_STAMP)
 
 # The main job on the real Fashion-MNIST sample shipped with the package (3,000 training, 615 test images):
