@@ -277,9 +277,11 @@ def worker(opts: argparse.Namespace) -> None:
 
 def traffic_per_step(parallel, accelerator, opts, timer: BucketTimer, communication: dict | None) -> dict:
     """Bytes this rank sent per step, by collective, as the ring algorithms send them: DDP's all-reduce of the
-    replicated gradients (from its buckets, on the wire in fp32 or the hook's half precision) and, under hybrid,
-    the classifier's all-gathers and reduce-scatters and its shards' all-reduce (counted as they ran); and the
-    seconds per step spent in collectives, exposed (the step waited) and hidden (behind backward)."""
+    replicated gradients (from its buckets, on the wire in fp32 or the hook's half precision) and, under hybrid
+    and fsdp, the all-gathers, reduce-scatters and across-group all-reduces that parallel.py counts as each
+    forward issues them (the plan's and FSDP2's collectives run inside torch); and the seconds per step spent in
+    collectives, exposed (the step waited) and hidden (behind backward): DDP's from its hook, and the wait for
+    hybrid's across-group all-reduce (the plan's and FSDP2's own collectives are not timed apart)."""
     steps = opts.windows * opts.steps
     n = accelerator.num_processes
     wire = 4 if opts.hook == "none" else 2
