@@ -19,41 +19,32 @@ SAME_STEPS = ["--global-batch-size", "32", "--dropout", "0", "--log-every", "1"]
 
 
 @pytest.mark.floor
-def test_hybrid_on_two_processes_takes_one_process_ddps_first_step(tmp_path, data_dir):
-    ddp, hybrid = tmp_path / "ddp", tmp_path / "hybrid"
+@pytest.mark.parametrize("mode, layout", [
+    ("hybrid", "the classifier split over 2 ranks, data-parallel over 1 group(s)"),
+    ("fsdp", "fsdp (every parameter, gradient and Adam state split over 2 ranks)")])
+def test_a_sharded_mode_on_two_processes_takes_one_process_ddps_first_step(tmp_path, data_dir, mode, layout):
+    """The step, the state each rank holds (hybrid: half the classifier; fsdp: half of everything), the full model in
+    the checkpoint, and the exact evaluation through the sharded model."""
+    ddp, sharded = tmp_path / "ddp", tmp_path / mode
     train_tiny(ddp, data_dir, *SAME_STEPS, "--max-steps", "1")
-    out = train_tiny(hybrid, data_dir, *SAME_STEPS, "--max-steps", "1", "--parallelism", "hybrid", processes=2)
-    assert "the classifier split over 2 ranks, data-parallel over 1 group(s)" in out.stdout
-    assert_same_step(checkpoint_at(ddp, 1), checkpoint_at(hybrid, 1))
+    out = train_tiny(sharded, data_dir, *SAME_STEPS, "--max-steps", "1", "--parallelism", mode, processes=2)
+    assert layout in out.stdout
+    assert_same_step(checkpoint_at(ddp, 1), checkpoint_at(sharded, 1))
 
-    m = metrics(hybrid)
-    assert m["state_bytes_per_rank"] < 0.6 * metrics(ddp)["state_bytes_per_rank"]  # half the classifier
-    checkpoint = list_checkpoints(hybrid)[-1]
+    m = metrics(sharded)
+    assert m["parallelism"] == mode and m["state_bytes_per_rank"] < 0.6 * metrics(ddp)["state_bytes_per_rank"]
+    checkpoint = list_checkpoints(sharded)[-1]
     AlexNet(width=WIDTH).load_state_dict(load_file(checkpoint / "model.safetensors"))  # the full model, every key
-    # exact evaluation through the split classifier (101 samples: the ranks' last batches differ in size)
+    # exact evaluation through the sharded model (101 samples: the ranks' last batches differ in size)
     assert m["test_samples"] == TEST_SAMPLES and m["test_correct"] in single_process_correct(checkpoint, data_dir)
-    assert len(m["param_checksums"]) == 2 and m["param_checksums"][0] == m["param_checksums"][1]  # replicated part
-
-
-@pytest.mark.floor
-def test_fsdp_on_two_processes_takes_one_process_ddps_first_step(tmp_path, data_dir):
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    train_tiny(ddp, data_dir, *SAME_STEPS, "--max-steps", "1")
-    out = train_tiny(fsdp, data_dir, *SAME_STEPS, "--max-steps", "1", "--parallelism", "fsdp", processes=2)
-    assert "fsdp (every parameter, gradient and Adam state split over 2 ranks)" in out.stdout
-    assert_same_step(checkpoint_at(ddp, 1), checkpoint_at(fsdp, 1))
-
-    m = metrics(fsdp)
-    assert m["parallelism"] == "fsdp" and m["state_bytes_per_rank"] <= 0.6 * metrics(ddp)["state_bytes_per_rank"]
-    checkpoint = list_checkpoints(fsdp)[-1]
-    AlexNet(width=WIDTH).load_state_dict(load_file(checkpoint / "model.safetensors"))  # the full model, every key
-    # the run's own evaluation (101 samples: the ranks' last batches differ in size) and one process's agree
-    assert m["test_samples"] == TEST_SAMPLES and m["test_correct"] in single_process_correct(checkpoint, data_dir)
+    # the replicated part (none under fsdp) is the same on both ranks
+    assert len(m["param_checksums"]) == 2 and m["param_checksums"][0] == m["param_checksums"][1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, layout", [("hybrid", "the classifier split over 2 ranks, data-parallel over 2 group(s)"),
-                                          ("fsdp", "split over 2 ranks, replicated across 2 groups (HSDP)")])
+@pytest.mark.parametrize("mode, layout", [
+    ("hybrid", "the classifier split over 2 ranks, data-parallel over 2 group(s)"),
+    ("fsdp", "split over 2 ranks, replicated across 2 groups (HSDP)")])
 def test_a_2x2_mesh_with_accumulation_and_clipping_takes_one_process_ddps_step(tmp_path, data_dir, mode, layout):
     """4 processes on a 2 x 2 mesh, as on two nodes of two: hybrid splits the classifier over 2 ranks and is
     data-parallel over 2 groups (its shards' gradients all-reduced across them); fsdp shards every parameter
