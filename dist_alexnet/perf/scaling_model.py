@@ -137,13 +137,21 @@ def predict_step(profile: StepProfile, n: int, link: Link, bucket_mb: float = 25
     exposed_s = max(0.0, free_at - profile.backward_s) if overlap else comm_s
     step_s = profile.step_s + exposed_s
     sent = sum(2 * (n - 1) / n * b["wire_bytes"] for b in buckets) if n > 1 else 0.0
+    return predicted_step(profile, n, step_s, profile.step_s, comm_s, exposed_s, comm_s - exposed_s, sent, buckets)
+
+
+def predicted_step(profile: StepProfile, n: int, step_s: float, compute_s: float, allreduce_s: float,
+                   exposed_s: float, hidden_s: float, sent: float, buckets: list, **mode) -> dict:
+    """One predicted n-process step as every predict_*_step returns it; `mode`: the mode's own fields (its group
+    size, hybrid's tensor-parallel seconds)."""
     return {
         "processes": n,
+        **mode,
         "step_s": step_s,
-        "compute_s": profile.step_s,
-        "allreduce_s": comm_s,
+        "compute_s": compute_s,
+        "allreduce_s": allreduce_s,
         "exposed_s": exposed_s,
-        "hidden_s": comm_s - exposed_s,
+        "hidden_s": hidden_s,
         "efficiency": profile.step_s / step_s,
         "images_per_sec": n * profile.batch_size / step_s,
         "bytes_sent_per_step": sent,
@@ -168,8 +176,9 @@ def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_l
       an all-gather of the group's features (T x B x 9216 activations) and a reduce-scatter of fc2's partial
       sums (T x B x 4096), each `activation_bytes` per value;
     - the plan's gradient all-reduce (the shards and fc2's bias) across the n / T groups (`dp_link`), started
-      when backward has finished the classifier, then DDP's buckets of the replicated parameters over all n ranks (`world_link`), on one
-      stream as in predict_step; what ends after backward is exposed (all of it without `overlap`)."""
+      when backward has finished the classifier, then DDP's buckets of the replicated parameters over all n
+      ranks (`world_link`), on one stream as in predict_step; what ends after backward is exposed (all of it
+      without `overlap`)."""
     numel = dict(profile.sizes)
     groups = n // tensor_parallel
     hidden, features = numel["classifier.1.bias"], numel["classifier.1.weight"] // numel["classifier.1.bias"]
@@ -196,21 +205,10 @@ def predict_hybrid_step(profile: StepProfile, n: int, tensor_parallel: int, tp_l
         buckets.append({"params": names, "wire_bytes": nbytes, "allreduce_s": seconds})
     sent += 2 * (tensor_parallel - 1) / tensor_parallel * exchange * (features + hidden)
     exposed_s = max(0.0, free_at - backward_end) if overlap else comm_s
-    step_s = profile.forward_s + profile.backward_s + optimizer_s + tp_s + exposed_s
-    return {
-        "processes": n,
-        "tensor_parallel_size": tensor_parallel,
-        "step_s": step_s,
-        "compute_s": profile.forward_s + profile.backward_s + optimizer_s,
-        "tensor_parallel_s": tp_s,
-        "allreduce_s": comm_s,
-        "exposed_s": exposed_s + tp_s,
-        "hidden_s": comm_s - exposed_s,
-        "efficiency": profile.step_s / step_s,
-        "images_per_sec": n * profile.batch_size / step_s,
-        "bytes_sent_per_step": sent,
-        "buckets": buckets,
-    }
+    compute_s = profile.forward_s + profile.backward_s + optimizer_s
+    step_s = compute_s + tp_s + exposed_s
+    return predicted_step(profile, n, step_s, compute_s, comm_s, exposed_s + tp_s, comm_s - exposed_s, sent, buckets,
+                          tensor_parallel_size=tensor_parallel, tensor_parallel_s=tp_s)
 
 
 def predict_fsdp_step(profile: StepProfile, n: int, shard: int, shard_link: Link, across_link: Link,
@@ -239,19 +237,8 @@ def predict_fsdp_step(profile: StepProfile, n: int, shard: int, shard_link: Link
     step_s = compute_s + exposed_s
     sent = (shard - 1) / shard * (gather_bytes + weights) + (2 * (groups - 1) / groups * weights / shard
                                                              if groups > 1 else 0.0)
-    return {
-        "processes": n,
-        "shard_size": shard,
-        "step_s": step_s,
-        "compute_s": compute_s,
-        "allreduce_s": comm_s,
-        "exposed_s": exposed_s,
-        "hidden_s": comm_s - exposed_s,
-        "efficiency": profile.step_s / step_s,
-        "images_per_sec": n * profile.batch_size / step_s,
-        "bytes_sent_per_step": sent,
-        "buckets": [],
-    }
+    return predicted_step(profile, n, step_s, compute_s, comm_s, exposed_s, comm_s - exposed_s, sent, [],
+                          shard_size=shard)
 
 
 def predict(profile: StepProfile, parallelism: str, n: int, batch_size: int, tp_link: Link, dp_link: Link,
