@@ -35,7 +35,6 @@ Checkpoints, through the same state_dict API, are in the ddp layout too.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +49,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_alexnet.distributed import launcher_variables
 from dist_alexnet.errors import ConfigError
 from dist_alexnet.model import channel_widths
 
@@ -70,7 +70,7 @@ def make_parallelism(cfg, accelerator) -> DataParallel:
     if cfg.parallelism == "ddp":
         return DataParallel(accelerator)
     world = accelerator.num_processes
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or world)  # (checked by distributed.launcher_variables)
+    local_world = launcher_variables().get("LOCAL_WORLD_SIZE", world)
     problems = []
     if world < 2:
         problems.append(f"--parallelism {cfg.parallelism} spreads the model over several processes and this run has "
@@ -205,10 +205,10 @@ class ShardedParallel(DataParallel):
         saves it (in memory hybrid's DTensors have a group of their own: fused kernels take one kind)."""
         model = self.accelerator.unwrap_model(model)
         by_name = get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=FULL_STATE)
-        names = [name for name, _ in model.named_parameters()]
+        index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
         group = {key: value for key, value in by_name["param_groups"][0].items() if key != "params"}
-        return {"state": {names.index(name): state for name, state in by_name["state"].items()},
-                "param_groups": [{**group, "params": list(range(len(names)))}]}
+        return {"state": {index[name]: state for name, state in by_name["state"].items()},
+                "param_groups": [{**group, "params": list(range(len(index)))}]}
 
     def load_full_optimizer_state(self, optimizer, model, state: dict) -> None:
         model = self.accelerator.unwrap_model(model)
